@@ -1,0 +1,5 @@
+import sys
+
+from flareseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""Strict loading of YAML into typed dataclasses.
+
+Unknown keys and wrong types are errors that name the full dotted key and suggest the closest known key.
+Relative paths in a YAML file are relative to that file; relative paths given on the command line
+(`--set key=value`, `-o DIR`) are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key."""
+
+
+def build_config(schema: type, data: dict | None, base_dir: Path, prefix: str = "") -> Any:
+    """Build dataclass `schema` from a plain mapping, filling every missing key from the schema's defaults."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a mapping of keys to values, got {_describe(data)}")
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(str(key), names, prefix)}")
+        kwargs[key] = coerce(hints[key], value, base_dir, dotted)
+    return schema(**kwargs)
+
+
+def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
+    """Check `value` against the type annotation `kind` and convert it (lists to tuples, str to Path...)."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return coerce(option, value, base_dir, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(options) == 1 else f"'{key}' expects {_type_name(kind)}, got {_describe(value)}")
+    if dataclasses.is_dataclass(kind):
+        return build_config(kind, value, base_dir, prefix=f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            hint = _suggest(str(value), [str(a) for a in args], "", quote=True)
+            raise ConfigError(f"'{key}' must be one of {choices}, got {value!r}{hint}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' expects a list ({_type_name(kind)}), got {_describe(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"'{key}' expects {len(args)} values ({_type_name(kind)}), got {len(value)}: {value!r}")
+        item_types = [args[0]] * len(value) if (origin is list or args[-1] is Ellipsis) else list(args)
+        items = [coerce(t, v, base_dir, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' expects a mapping, got {_describe(value)}")
+        key_type, value_type = args
+        return {coerce(key_type, k, base_dir, key): coerce(value_type, v, base_dir, f"{key}.{k}") for k, v in value.items()}
+    if kind is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"'{key}' expects a path (a string), got {_describe(value)}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' expects true or false, got {_describe(value)}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' expects an integer, got {_describe(value)}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' expects a number, got {_describe(value)}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' expects a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"config schema type {kind!r} of '{key}' is not supported")
+
+
+def apply_override(config: Any, assignment: str, base_dir: Path) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML ("160" -> 160)."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. prepare.workers=4), got {assignment!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}: cannot parse value {text!r} ({error.problem})") from None
+    set_value(config, key, value, base_dir)
+
+
+def set_value(config: Any, key: str, value: Any, base_dir: Path) -> None:
+    """Set the field at dotted `key` in place, type-checked like a YAML value."""
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        prefix = ".".join(parts[:depth]) + ("." if depth else "")
+        if part not in names:
+            raise ConfigError(f"unknown config key '{prefix}{part}'{_suggest(part, names, prefix)}")
+        if depth < len(parts) - 1:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"'{prefix}{part}' is a value, not a section: cannot set '{key}'")
+    kind = typing.get_type_hints(type(node))[parts[-1]]
+    setattr(node, parts[-1], coerce(kind, value, base_dir, key))
+
+
+def to_plain(config: Any) -> Any:
+    """A dataclass tree as plain YAML/JSON types (paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_plain(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_plain(v) for k, v in config.items()}
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file's top-level mapping (empty file -> {}), with a clear error for bad syntax."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {_describe(data)}")
+    return data or {}
+
+
+def _suggest(word: str, candidates: list[str], prefix: str, quote: bool = False) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    if not match:
+        known = ", ".join(candidates)
+        return f" (known keys{' under ' + prefix.rstrip('.') if prefix else ''}: {known})" if not quote else ""
+    return f"; did you mean {match[0]!r}?" if quote else f"; did you mean '{prefix}{match[0]}'?"
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is None and hasattr(kind, "__name__"):
+        return kind.__name__
+    return str(kind).replace("typing.", "").replace("pathlib.", "")

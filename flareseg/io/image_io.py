@@ -1,0 +1,142 @@
+"""Read and write 3D images (NIfTI, NRRD, MHA, DICOM series) as [z, y, x] arrays with their geometry."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from flareseg.io.geometry import Geometry
+from flareseg.io.nifti_check import check_nifti
+
+# Longest first, so that ".nii.gz" wins over ".gz"-less matches.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+class ImageReadError(ValueError):
+    """An input image that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def image_suffix(path: str | os.PathLike) -> str | None:
+    """The supported image suffix of a file name (".nii.gz", ...), or None."""
+    name = Path(path).name.lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+
+
+def strip_image_suffix(path: str | os.PathLike) -> str:
+    """File name without its image suffix: "case_0000.nii.gz" -> "case_0000"."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def is_dicom_dir(path: str | os.PathLike) -> bool:
+    """True when a folder holds at least one DICOM series that GDCM can find."""
+    path = Path(path)
+    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    """The geometry record of a SimpleITK image (spacing and shape turned into [z, y, x] order)."""
+    return Geometry(
+        spacing=image.GetSpacing()[::-1],
+        origin=image.GetOrigin(),
+        direction=image.GetDirection(),
+        shape=image.GetSize()[::-1],
+    )
+
+
+def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A SimpleITK image holding `array` ([z, y, x]) placed exactly at `geometry`."""
+    if tuple(array.shape) != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match the geometry's shape {geometry.shape}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
+    image.SetSpacing(geometry.spacing_xyz)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D scalar image file or DICOM series folder into a [z, y, x] array and its geometry.
+
+    Raises ImageReadError naming the file and the reason for anything unusable: unreadable or truncated
+    files, non-3D or vector images, non-finite voxels, zero or negative spacing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(path, "no such file or folder")
+    if path.is_file() and image_suffix(path) in (".nii", ".nii.gz"):
+        problem = check_nifti(path)
+        if problem:
+            raise ImageReadError(path, problem)
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except ImageReadError:
+        raise
+    except RuntimeError as error:
+        raise ImageReadError(path, f"cannot be read as an image ({_itk_reason(error)})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image")
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() != 3:
+        raise ImageReadError(path, f"is {image.GetDimension()}D with size {image.GetSize()}; expected a 3D volume")
+    if min(image.GetSize()) < 2:
+        raise ImageReadError(path, f"has size {image.GetSize()}; a 3D volume needs at least 2 voxels per axis")
+    try:
+        geometry = geometry_of(image)
+    except ValueError as error:
+        raise ImageReadError(path, f"has an invalid header ({error})") from None
+    array = sitk.GetArrayFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ImageReadError(path, f"contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    return array, geometry
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:
+    """Write `array` with exactly `geometry`, atomically: a crash never leaves a partial file at `path`."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise ValueError(f"{path}: unsupported output format; use one of {', '.join(IMAGE_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = to_sitk(array, geometry)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp_name, useCompression=compress and suffix != ".nii")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """The largest DICOM series in a folder; series whose UIDs are empty strings are read too."""
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise ImageReadError(folder, "is a folder without a readable DICOM series")
+    file_lists = [reader.GetGDCMSeriesFileNames(str(folder), series_id) for series_id in series_ids]
+    files = max(file_lists, key=len)
+    if len(files) < 2:
+        raise ImageReadError(folder, f"its DICOM series has {len(files)} slice; expected a 3D volume")
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The informative last line of an ITK exception message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else "unknown error"
+    return reason.removeprefix("itk::ERROR: ")[:300]
