@@ -52,7 +52,7 @@ def resize_label(label: torch.Tensor, size: tuple[int, int, int], mode: LabelMod
     if mode == "nearest":
         out = label
         for axis, (n, m) in enumerate(zip(label.shape, size)):
-            index = torch.round(_corner_aligned_coords(n, m, label.device)).long()
+            index = torch.floor(_corner_aligned_coords(n, m, label.device) + 0.5).long()  # halves round up
             out = out.index_select(axis, index)
         return out
     if mode != "per_label":
@@ -112,10 +112,15 @@ def _linear_along(values: torch.Tensor, axis: int, x: torch.Tensor) -> torch.Ten
 
 
 def _corner_aligned_coords(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """Input positions (float64) sampled by each output index in a corner-aligned resampling."""
+    """Input positions sampled by each output index in a corner-aligned resampling.
+
+    float32, computed as F.interpolate does, so that per-label results agree with it voxel for voxel except
+    where a mask value lands on 0.5 to within float rounding.
+    """
     if n_out == 1:
-        return torch.zeros(1, dtype=torch.float64, device=device)
-    return torch.arange(n_out, dtype=torch.float64, device=device) * ((n_in - 1) / (n_out - 1))
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    scale = torch.tensor((n_in - 1) / (n_out - 1), dtype=torch.float32)
+    return torch.arange(n_out, dtype=torch.float32, device=device) * scale.to(device)
 
 
 def _check_3d(volume: torch.Tensor, size: tuple[int, ...]) -> None:
