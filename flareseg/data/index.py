@@ -34,6 +34,7 @@ class IndexWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        close_reader(self.path)  # a writer in this process replaces any read-only handle
         self._env = lmdb.open(str(self.path), map_size=_MAP_SIZE, subdir=True, max_dbs=0)
 
     def put(self, key: str, value: Any) -> None:
@@ -75,15 +76,39 @@ class IndexWriter:
         self.close()
 
 
+# One read-only environment per index and process: LMDB allows a path to be opened once per process, and
+# every CaseIndex on the same index (train and validation datasets, say) shares it.
+_READERS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def _reader(path: Path) -> lmdb.Environment:
+    key = str(path.resolve())
+    cached = _READERS.get(key)
+    if cached is not None and cached[0] == os.getpid():
+        return cached[1]
+    if cached is not None:
+        # Inherited through fork (a DataLoader worker): the handle must not be used here. Closing it only
+        # unmaps this process's view; read-only and without locks, nothing is shared to release.
+        cached[1].close()
+    env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=True, max_readers=512)
+    _READERS[key] = (os.getpid(), env)
+    return env
+
+
+def close_reader(path: str | os.PathLike) -> None:
+    """Close this process's read-only handle on an index (the next read reopens it)."""
+    cached = _READERS.pop(str(Path(path).resolve()), None)
+    if cached is not None and cached[0] == os.getpid():
+        cached[1].close()
+
+
 class CaseIndex:
-    """Read-only view of an index, safe to pickle into DataLoader workers (each opens its own handle)."""
+    """Read-only view of an index, safe to pickle into DataLoader workers (each process opens its own handle)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"no case index at {self.path}; run `flareseg prepare` first")
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
 
     @property
     def root(self) -> Path:
@@ -91,16 +116,7 @@ class CaseIndex:
         return self.path.parent
 
     def _txn(self) -> lmdb.Transaction:
-        if self._env is not None and self._pid != os.getpid():
-            # Inherited through fork (a DataLoader worker): the handle must not be used here. Closing it only
-            # unmaps this process's view; with lock=False and read-only nothing is shared to release.
-            self.close()
-        if self._env is None:
-            self._env = lmdb.open(
-                str(self.path), readonly=True, lock=False, readahead=False, meminit=False, subdir=True, max_readers=512
-            )
-            self._pid = os.getpid()
-        return self._env.begin(buffers=False)
+        return _reader(self.path).begin(buffers=False)
 
     def get(self, key: str) -> Any:
         """The record of a case (or a "__meta__"-style key); KeyError naming the index if absent."""
@@ -136,11 +152,4 @@ class CaseIndex:
 
     def close(self) -> None:
         """Release this process's handle; the next read opens a new one."""
-        if self._env is not None:
-            self._env.close()
-        self._env, self._pid = None, None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_env"], state["_pid"] = None, None  # an LMDB handle must not cross processes
-        return state
+        close_reader(self.path)
