@@ -36,31 +36,52 @@ def main() -> None:
         raw, out = Path(tmp) / "raw", Path(tmp) / "out"
         start = time.perf_counter()
         write_phantom_dataset(raw, args.cases, seed=0, shape=tuple(args.shape), orientation="ras")
-        print(f"{args.cases} phantoms of {args.shape[2]}x{args.shape[1]}x{args.shape[0]} voxels written in "
-              f"{time.perf_counter() - start:.1f} s (not timed below)")
+        print(
+            f"{args.cases} phantoms of {args.shape[2]}x{args.shape[1]}x{args.shape[0]} voxels written in "
+            f"{time.perf_counter() - start:.1f} s (not timed below)"
+        )
         sizes = [] if not args.tiny else ["prepare.coarse.size=[16, 16, 16]", "prepare.fine.size=[16, 16, 16]"]
         rows = []
         for workers in args.workers:
             rates, steps = [], {}
             for _ in range(args.repeats):
-                config = load_config(None, [f"prepare.images={raw / 'imagesTr'}", f"prepare.labels={raw / 'labelsTr'}",
-                                            f"prepare.out={out}", f"prepare.workers={workers}", "prepare.overwrite=true",
-                                            *sizes])
+                config = load_config(
+                    None,
+                    [
+                        f"prepare.images={raw / 'imagesTr'}",
+                        f"prepare.labels={raw / 'labelsTr'}",
+                        f"prepare.out={out}",
+                        f"prepare.workers={workers}",
+                        "prepare.overwrite=true",
+                        *sizes,
+                    ],
+                )
                 summary = prepare_dataset(config, progress=False)
                 if not summary.ok or len(summary.prepared) != args.cases:
                     raise SystemExit(f"prepare failed: {summary.failed}")
                 rates.append(60.0 * args.cases / summary.seconds)
                 for step, seconds in summary.timings.items():
                     steps.setdefault(step, []).append(seconds / args.cases)
-            rows.append((workers, statistics.median(rates), min(rates), max(rates),
-                         {step: statistics.median(values) for step, values in steps.items()}))
+            rows.append(
+                (
+                    workers,
+                    statistics.median(rates),
+                    min(rates),
+                    max(rates),
+                    {step: statistics.median(values) for step, values in steps.items()},
+                )
+            )
 
     print()
-    print("| workers | cases/min (median) | min..max | read s/case | resample s/case | write s/case | describe s/case |")
+    print(
+        "| workers | cases/min (median) | min..max | read s/case | resample s/case | write s/case | describe s/case |"
+    )
     print("|---|---|---|---|---|---|---|")
     for workers, median, low, high, steps in rows:
-        print(f"| {workers} | {median:.1f} | {low:.1f}..{high:.1f} | {steps.get('read', 0):.2f} | "
-              f"{steps.get('resample', 0):.2f} | {steps.get('write', 0):.2f} | {steps.get('describe', 0):.2f} |")
+        print(
+            f"| {workers} | {median:.1f} | {low:.1f}..{high:.1f} | {steps.get('read', 0):.2f} | "
+            f"{steps.get('resample', 0):.2f} | {steps.get('write', 0):.2f} | {steps.get('describe', 0):.2f} |"
+        )
     if len(rows) > 1:
         print(f"\nspeed-up {rows[-1][0]} vs {rows[0][0]} workers (same run): {rows[-1][1] / rows[0][1]:.2f}x")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -17,8 +17,9 @@ from flareseg.config import Config, ConfigError, load_config, set_value, to_plai
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         return args.run(args)
     except ConfigError as error:
@@ -36,8 +37,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set prepare.workers=4 (repeatable)")
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set prepare.workers=4 (repeatable)",
+    )
 
     prepare = commands.add_parser("prepare", parents=[common], help="prepare arrays and the LMDB index")
     prepare.add_argument("-i", "--images", help="folder of <case>_0000 images (prepare.images)")
@@ -77,14 +84,17 @@ def _config_from(args: argparse.Namespace, flags: dict[str, object]) -> Config:
 def _run_prepare(args: argparse.Namespace) -> int:
     from flareseg.data.prepare import FAILURES_FILE, prepare_dataset
 
-    config = _config_from(args, {
-        "prepare.images": args.images,
-        "prepare.labels": args.labels,
-        "prepare.unlabeled": args.unlabeled,
-        "prepare.out": args.out,
-        "prepare.workers": args.workers,
-        "prepare.overwrite": args.overwrite,
-    })
+    config = _config_from(
+        args,
+        {
+            "prepare.images": args.images,
+            "prepare.labels": args.labels,
+            "prepare.unlabeled": args.unlabeled,
+            "prepare.out": args.out,
+            "prepare.workers": args.workers,
+            "prepare.overwrite": args.overwrite,
+        },
+    )
     summary = prepare_dataset(config, progress=not args.quiet)
     print(
         f"prepared {len(summary.prepared)}, already done {len(summary.skipped)}, failed {len(summary.failed)} "
@@ -99,8 +109,14 @@ def _run_phantoms(args: argparse.Namespace) -> int:
     from flareseg.data.phantom import write_phantom_dataset
 
     cases = write_phantom_dataset(
-        args.out, args.num_cases, seed=args.seed, shape=tuple(args.shape) if args.shape else None,
-        lesions=args.lesions, partial=args.partial, orientation=args.orientation, unlabeled=args.unlabeled,
+        args.out,
+        args.num_cases,
+        seed=args.seed,
+        shape=tuple(args.shape) if args.shape else None,
+        lesions=args.lesions,
+        partial=args.partial,
+        orientation=args.orientation,
+        unlabeled=args.unlabeled,
     )
     print(f"wrote {len(cases)} labeled and {args.unlabeled} unlabeled phantoms to {args.out}")
     return 0

@@ -71,8 +71,15 @@ def test_relative_paths_are_relative_to_the_yaml_file(tmp_path):
 def test_overrides_are_typed_and_strict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, "prepare:\n  workers: 3\n")
-    config = load_config(path, ["prepare.workers=5", "prepare.coarse.size=null", "prepare.coarse.spacing=[2, 2, 3]",
-                                "prepare.out=relative/out"])
+    config = load_config(
+        path,
+        [
+            "prepare.workers=5",
+            "prepare.coarse.size=null",
+            "prepare.coarse.spacing=[2, 2, 3]",
+            "prepare.out=relative/out",
+        ],
+    )
     assert config.prepare.workers == 5
     assert config.prepare.coarse.size is None and config.prepare.coarse.spacing == (2.0, 2.0, 3.0)
     assert config.prepare.out == (tmp_path / "relative" / "out").resolve()  # command line: relative to cwd

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from flareseg.io import Geometry, from_canonical, read_image, to_canonical, to_sitk, write_image
-from tests.conftest import oblique_direction
 
 
 def _signed_permutations():
@@ -27,7 +26,9 @@ def _physical_value_map(array: np.ndarray, geometry: Geometry) -> dict:
     return {tuple(p): v for p, v in zip(points, array.reshape(-1))}
 
 
-@pytest.mark.parametrize("direction", list(_signed_permutations()), ids=lambda d: "".join(map(str, d.ravel().astype(int))))
+@pytest.mark.parametrize(
+    "direction", list(_signed_permutations()), ids=lambda d: "".join(map(str, d.ravel().astype(int)))
+)
 def test_every_axis_aligned_orientation_becomes_identity(direction):
     rng = np.random.default_rng(0)
     array = rng.integers(0, 1000, size=(4, 5, 6)).astype(np.int16)

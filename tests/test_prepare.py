@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from flareseg.cli import main
 from flareseg.config import ConfigError, load_config
+from flareseg.data import prepare as prepare_module
 from flareseg.data.crop import Box, bounding_box
 from flareseg.data.dataset import PreparedArrays
 from flareseg.data.index import CaseIndex
@@ -28,8 +29,14 @@ SMALL = ["prepare.coarse.size=[24, 32, 32]", "prepare.fine.size=[28, 36, 36]", "
 
 
 def _config(raw: Path, out: Path, *extra: str, unlabeled: bool = True, workers: int = 2):
-    overrides = [f"prepare.images={raw / 'imagesTr'}", f"prepare.labels={raw / 'labelsTr'}", f"prepare.out={out}",
-                 f"prepare.workers={workers}", *SMALL, *extra]
+    overrides = [
+        f"prepare.images={raw / 'imagesTr'}",
+        f"prepare.labels={raw / 'labelsTr'}",
+        f"prepare.out={out}",
+        f"prepare.workers={workers}",
+        *SMALL,
+        *extra,
+    ]
     if unlabeled:
         overrides.append(f"prepare.unlabeled={raw / 'unlabeled'}")
     return load_config(None, overrides)
@@ -64,7 +71,9 @@ def test_prepare_writes_arrays_and_records(raw_phantoms, prepared):
         fine = np.load(index.array_path(record, "fine_image"))
         assert coarse.shape == (24, 32, 32) and coarse.dtype == np.int16
         assert fine.shape == (28, 36, 36) and fine.dtype == np.int16
-        assert record["intensity"]["image"]["min"] <= coarse.min() and coarse.max() <= record["intensity"]["image"]["max"]
+        assert (
+            record["intensity"]["image"]["min"] <= coarse.min() and coarse.max() <= record["intensity"]["image"]["max"]
+        )
         if not labeled:
             assert record["crop_box"] == Box.full(record["canonical_geometry"]["shape"]).to_list()
             assert record["annotated"] == [] and "coarse_label" not in record["arrays"]
@@ -132,8 +141,15 @@ def test_rerun_skips_finished_cases_and_redoes_changed_inputs(raw_phantoms, tmp_
     label_file = changed / "labelsTr" / "phantom_001.nii.gz"
     label, geometry = read_image(label_file)
     write_image(label_file, np.where(label == 3, 0, label).astype(np.uint8), geometry)  # spleen removed
-    config = load_config(None, [f"prepare.images={changed / 'imagesTr'}", f"prepare.labels={changed / 'labelsTr'}",
-                                f"prepare.out={tmp_path / 'out2'}", *SMALL])
+    config = load_config(
+        None,
+        [
+            f"prepare.images={changed / 'imagesTr'}",
+            f"prepare.labels={changed / 'labelsTr'}",
+            f"prepare.out={tmp_path / 'out2'}",
+            *SMALL,
+        ],
+    )
     prepare_dataset(config, progress=False)
     write_image(label_file, label, geometry)  # restored: a new modification time
     rerun = prepare_dataset(config, progress=False)
@@ -172,8 +188,19 @@ sys.exit(main(sys.argv[1:]))
 
 def test_killed_run_resumes_without_half_written_records(raw_phantoms, tmp_path):
     out = tmp_path / "out"
-    args = ["prepare", "-i", str(raw_phantoms / "imagesTr"), "-l", str(raw_phantoms / "labelsTr"), "-o", str(out),
-            "-w", "1", "-q", *[a for s in SMALL for a in ("--set", s)]]
+    args = [
+        "prepare",
+        "-i",
+        str(raw_phantoms / "imagesTr"),
+        "-l",
+        str(raw_phantoms / "labelsTr"),
+        "-o",
+        str(out),
+        "-w",
+        "1",
+        "-q",
+        *[a for s in SMALL for a in ("--set", s)],
+    ]
     crashed = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], capture_output=True, text=True)
     assert crashed.returncode == 137
     index = CaseIndex(out / "index.lmdb")
@@ -196,8 +223,11 @@ def test_bad_cases_are_reported_and_skipped(raw_phantoms, tmp_path, capsys):
     (images / "unreadable_0000.nii.gz").write_bytes(b"\x1f\x8bgarbage" * 50)
     write_image(labels / "unreadable.nii.gz", np.zeros(good_image.shape, np.uint8), geometry)
     write_image(images / "mismatch_0000.nii.gz", good_image, geometry)
-    write_image(labels / "mismatch.nii.gz", np.zeros(good_image.shape[:2] + (good_image.shape[2] - 1,), np.uint8),
-                geometry.with_shape(good_image.shape[:2] + (good_image.shape[2] - 1,)))
+    write_image(
+        labels / "mismatch.nii.gz",
+        np.zeros(good_image.shape[:2] + (good_image.shape[2] - 1,), np.uint8),
+        geometry.with_shape(good_image.shape[:2] + (good_image.shape[2] - 1,)),
+    )
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 30), np.int16)), str(images / "flat_0000.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 30), np.uint8)), str(labels / "flat.nii.gz"))
     nan_image = good_image.astype(np.float32)
@@ -208,8 +238,19 @@ def test_bad_cases_are_reported_and_skipped(raw_phantoms, tmp_path, capsys):
     write_image(labels / "badids.nii.gz", np.full(good_image.shape, 20, np.uint8), geometry)
     write_image(images / "nolabel_0000.nii.gz", good_image, geometry)
     out = tmp_path / "out"
-    code = main(["prepare", "-i", str(images), "-l", str(labels), "-o", str(out), "-q",
-                 *[a for s in SMALL for a in ("--set", s)]])
+    code = main(
+        [
+            "prepare",
+            "-i",
+            str(images),
+            "-l",
+            str(labels),
+            "-o",
+            str(out),
+            "-q",
+            *[a for s in SMALL for a in ("--set", s)],
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     expected = {
@@ -238,8 +279,9 @@ def test_partial_labels_record_what_each_case_annotates(tmp_path):
     for case_id, ids in listed.items():
         assert index.get(case_id)["annotated"] == sorted(ids) and len(ids) < 13
     (raw / "labelsTr" / "annotated.json").unlink()
-    prepare_dataset(_config(raw, tmp_path / "b", "prepare.annotation=present", unlabeled=False, workers=1),
-                    progress=False)
+    prepare_dataset(
+        _config(raw, tmp_path / "b", "prepare.annotation=present", unlabeled=False, workers=1), progress=False
+    )
     index = CaseIndex(tmp_path / "b" / "index.lmdb")
     for case_id in listed:
         record = index.get(case_id)
@@ -274,8 +316,23 @@ def test_prepare_real_ct_nifti_and_dicom(shared_data, tmp_path):
     (images / "dicom").symlink_to(shared_data / "ct_dicom_20sl" / "dicom")
     (labels / "dicom.nii.gz").symlink_to(shared_data / "ct_dicom_20sl" / "label.nii.gz")
     out = tmp_path / "out"
-    code = subprocess.run(["sh", str(REPO / "data_prepare" / "run.sh"), "-i", str(images), "-l", str(labels),
-                           "-o", str(out), "-q", "--set", "prepare.folds=2"], capture_output=True, text=True)
+    code = subprocess.run(
+        [
+            "sh",
+            str(REPO / "data_prepare" / "run.sh"),
+            "-i",
+            str(images),
+            "-l",
+            str(labels),
+            "-o",
+            str(out),
+            "-q",
+            "--set",
+            "prepare.folds=2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert code.returncode == 0, code.stderr
     index = CaseIndex(out / "index.lmdb")
     assert index.case_ids() == ["abdomen", "dicom"]
@@ -288,3 +345,23 @@ def test_prepare_real_ct_nifti_and_dicom(shared_data, tmp_path):
     assert np.load(out / abdomen["arrays"]["coarse_image"]).shape == (160, 160, 160)
     fine_label = np.load(out / abdomen["arrays"]["fine_label"])
     assert fine_label.shape == (192, 192, 192) and {1, 2, 3, 13} <= set(np.unique(fine_label).tolist())
+
+
+def _die_on_second_case(case, config, out_dir, annotated):
+    if case.case_id == "phantom_001":
+        os._exit(9)  # as if the kernel killed the worker (out of memory)
+    return ORIGINAL_PREPARE_ONE(case, config, out_dir, annotated)
+
+
+ORIGINAL_PREPARE_ONE = prepare_module._prepare_one
+
+
+def test_a_dying_worker_loses_only_its_own_case(raw_phantoms, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "POOL_START_METHOD", "fork")  # workers inherit the patched function
+    monkeypatch.setattr(prepare_module, "_prepare_one", _die_on_second_case)
+    summary = prepare_dataset(_config(raw_phantoms, tmp_path / "out", unlabeled=False, workers=2), progress=False)
+    assert len(summary.failed) == 1
+    assert summary.failed[0][0] == "phantom_001" and "worker process died" in summary.failed[0][1]
+    # The cases that were in flight beside it when the pool broke were retried and prepared.
+    assert sorted(summary.prepared) == ["phantom_000", "phantom_002", "phantom_003"]
+    assert CaseIndex(tmp_path / "out" / "index.lmdb").case_ids() == sorted(summary.prepared)

@@ -33,7 +33,9 @@ def _per_label_reference(label: torch.Tensor, size) -> tuple[torch.Tensor, torch
     out = torch.zeros(size, dtype=label.dtype)
     tie = torch.zeros(size, dtype=torch.bool)
     for value in range(1, int(label.max()) + 1):
-        mask = F.interpolate((label == value).float()[None, None], size=size, mode="trilinear", align_corners=True)[0, 0]
+        mask = F.interpolate((label == value).float()[None, None], size=size, mode="trilinear", align_corners=True)[
+            0, 0
+        ]
         out[mask > 0.5] = value
         tie |= (mask - 0.5).abs() < 1e-5
     return out, tie
@@ -99,8 +101,14 @@ def test_resize_image_matches_simpleitk_linear_on_the_same_grid():
     geometry = Geometry((3.0, 1.0, 1.5), (0, 0, 0), np.eye(3), array.shape)
     size = (5, 19, 7)
     target = resampled_geometry(geometry, size)
-    reference = sitk.Resample(to_sitk(array, geometry), to_sitk(np.zeros(size, np.float32), target), sitk.Transform(),
-                              sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    reference = sitk.Resample(
+        to_sitk(array, geometry),
+        to_sitk(np.zeros(size, np.float32), target),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
     ours = resize_image(torch.from_numpy(array), size).numpy()
     assert np.allclose(ours, sitk.GetArrayFromImage(reference), atol=1e-4)
 

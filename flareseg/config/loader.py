@@ -25,7 +25,9 @@ def build_config(schema: type, data: dict | None, base_dir: Path, prefix: str = 
     """Build dataclass `schema` from a plain mapping, filling every missing key from the schema's defaults."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a mapping of keys to values, got {_describe(data)}")
+        raise ConfigError(
+            f"'{prefix.rstrip('.') or '<root>'}' must be a mapping of keys to values, got {_describe(data)}"
+        )
     hints = typing.get_type_hints(schema)
     names = [f.name for f in dataclasses.fields(schema)]
     kwargs = {}
@@ -51,7 +53,9 @@ def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
                 return coerce(option, value, base_dir, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if len(options) == 1 else f"'{key}' expects {_type_name(kind)}, got {_describe(value)}")
+        raise ConfigError(
+            errors[0] if len(options) == 1 else f"'{key}' expects {_type_name(kind)}, got {_describe(value)}"
+        )
     if dataclasses.is_dataclass(kind):
         return build_config(kind, value, base_dir, prefix=f"{key}.")
     if origin is Literal:
@@ -72,7 +76,9 @@ def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' expects a mapping, got {_describe(value)}")
         key_type, value_type = args
-        return {coerce(key_type, k, base_dir, key): coerce(value_type, v, base_dir, f"{key}.{k}") for k, v in value.items()}
+        return {
+            coerce(key_type, k, base_dir, key): coerce(value_type, v, base_dir, f"{key}.{k}") for k, v in value.items()
+        }
     if kind is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"'{key}' expects a path (a string), got {_describe(value)}")

@@ -29,14 +29,15 @@ from flareseg.config import Config, ConfigError, save_config, to_plain
 from flareseg.data.cases import CaseFiles, find_cases
 from flareseg.data.index import IndexWriter
 from flareseg.data.prepare_case import CaseError, prepare_case
-from flareseg.io import ImageReadError
 from flareseg.data.splits import kfold_splits
+from flareseg.io import ImageReadError
 
 INDEX_DIR = "index.lmdb"
 FAILURES_FILE = "failures.csv"
 META_KEY = "__meta__"
 SPLITS_KEY = "__splits__"
 INDEX_FORMAT = 1
+POOL_START_METHOD = "forkserver"  # workers start clean, with no threads or handles inherited from the caller
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ def prepare_dataset(config: Config, progress: bool = True) -> PrepareSummary:
 
     cases, problems = find_cases(settings.images, settings.labels, settings.unlabeled)
     summary.failed += [(_case_of(problem), problem) for problem in problems]
-    annotated = _read_annotated(settings.annotated_file or _default_annotated_file(settings.labels), len(config.data.labels))
+    annotated = _read_annotated(
+        settings.annotated_file or _default_annotated_file(settings.labels), len(config.data.labels)
+    )
 
     with IndexWriter(out_dir / INDEX_DIR) as index:
         _claim_index(index, config)
@@ -113,25 +116,33 @@ def _run_all(todo: list[CaseFiles], config: Config, out_dir: Path, annotated: di
             yield case, _prepare_one(case, config, out_dir, annotated.get(case.case_id))
         return
     pending = deque(todo)
-    context = multiprocessing.get_context("forkserver")
     while pending:
-        # A worker killed from outside (e.g. out of memory) breaks the pool: the cases it was running are
-        # reported, and a fresh pool goes on with the rest.
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
-            running: dict[Future, CaseFiles] = {}
-            try:
-                while pending or running:
-                    while pending and len(running) < 2 * workers:
-                        case = pending.popleft()
-                        future = pool.submit(_prepare_one, case, config, out_dir, annotated.get(case.case_id))
-                        running[future] = case
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        case = running.pop(future)
-                        yield case, future.result()
-            except BrokenProcessPool:
-                for case in [case, *running.values()]:
-                    yield case, f"{case.image}: the worker process died while preparing it (out of memory?); rerun"
+        lost = yield from _run_pool(pending, workers, config, out_dir, annotated)
+        # A worker killed from outside (out of memory, a crash in a library) breaks the whole pool, and which of
+        # the cases in flight killed it is unknown: each is retried alone, so only the culprit is lost.
+        for case in lost:
+            for dead in (yield from _run_pool(deque([case]), 1, config, out_dir, annotated)):
+                yield dead, f"{dead.image}: the worker process died while preparing it (out of memory?)"
+
+
+def _run_pool(pending: deque, workers: int, config: Config, out_dir: Path, annotated: dict):
+    """Run cases from `pending` in a process pool, yielding outcomes; returns the cases lost if the pool broke."""
+    context = multiprocessing.get_context(POOL_START_METHOD)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        running: dict[Future, CaseFiles] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < 2 * workers:
+                    case = pending[0]
+                    future = pool.submit(_prepare_one, case, config, out_dir, annotated.get(case.case_id))
+                    running[future] = pending.popleft()
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outcome = future.result()  # raises BrokenProcessPool when a worker died
+                    yield running.pop(future), outcome
+        except BrokenProcessPool:
+            return list(running.values())
+    return []
 
 
 def _prepare_one(case: CaseFiles, config: Config, out_dir: Path, annotated: list[int] | None):

@@ -17,7 +17,7 @@ import torch
 
 from flareseg.config.schema import Config, GridConfig
 from flareseg.data.cases import CaseFiles
-from flareseg.data.crop import Box, bounding_box, crop, expand_box_mm
+from flareseg.data.crop import Box, bounding_box, expand_box_mm
 from flareseg.data.intensity import intensity_statistics
 from flareseg.data.resample import resampled_geometry, resize_image, resize_label, size_for_spacing
 from flareseg.io import Geometry, ImageReadError, read_image, to_canonical
@@ -62,13 +62,19 @@ def prepare_case(case: CaseFiles, config: Config, out_dir: Path, annotated: list
     coarse_label = resize_label(label_t, coarse_size, settings.label_resampling) if label_t is not None else None
 
     foreground = bounding_box(label_c > 0) if label_c is not None else None
-    box = Box.full(canonical.shape) if foreground is None else expand_box_mm(
-        foreground, settings.fine.margin_mm, canonical.spacing, canonical.shape
+    box = (
+        Box.full(canonical.shape)
+        if foreground is None
+        else expand_box_mm(foreground, settings.fine.margin_mm, canonical.spacing, canonical.shape)
     )
-    crop_geometry = Geometry(canonical.spacing, canonical.index_to_physical(np.array(box.lo)), canonical.direction, box.shape)
+    crop_geometry = Geometry(
+        canonical.spacing, canonical.index_to_physical(np.array(box.lo)), canonical.direction, box.shape
+    )
     fine_size = _grid_size(settings.fine, crop_geometry)
     fine_image = _to_int16(resize_image(image_t[box.slices], fine_size))
-    fine_label = resize_label(label_t[box.slices], fine_size, settings.label_resampling) if label_t is not None else None
+    fine_label = (
+        resize_label(label_t[box.slices], fine_size, settings.label_resampling) if label_t is not None else None
+    )
     timer.lap("resample")
 
     arrays = {"coarse_image": coarse_image, "fine_image": fine_image}

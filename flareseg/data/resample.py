@@ -72,7 +72,9 @@ def _label_boxes(label: torch.Tensor) -> dict[int, tuple[slice, slice, slice]]:
     for value in torch.unique(label).tolist():
         if value != 0:
             mask = label == value
-            spans = [torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten() for axis in range(3)]
+            spans = [
+                torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten() for axis in range(3)
+            ]
             boxes[value] = tuple(slice(int(span[0]), int(span[-1]) + 1) for span in spans)
     return boxes
 
@@ -125,4 +127,6 @@ def _corner_aligned_coords(n_in: int, n_out: int, device: torch.device) -> torch
 
 def _check_3d(volume: torch.Tensor, size: tuple[int, ...]) -> None:
     if volume.dim() != 3 or len(size) != 3 or min(size) < 1:
-        raise ValueError(f"expected a [z, y, x] volume and a 3-value positive size, got {tuple(volume.shape)} -> {size}")
+        raise ValueError(
+            f"expected a [z, y, x] volume and a 3-value positive size, got {tuple(volume.shape)} -> {size}"
+        )

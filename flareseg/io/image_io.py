@@ -85,7 +85,9 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     except RuntimeError as error:
         raise ImageReadError(path, f"cannot be read as an image ({_itk_reason(error)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageReadError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image")
+        raise ImageReadError(
+            path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image"
+        )
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:

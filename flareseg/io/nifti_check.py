@@ -19,7 +19,7 @@ def check_nifti(path: Path) -> str | None:
     """The reason a NIfTI file is unusable, or None when its header and data length are sound."""
     compressed = path.name.lower().endswith(".gz")
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             head = handle.read(540)
     except (OSError, EOFError, zlib.error) as error:
         return f"cannot be read as an image ({error})"
