@@ -1,0 +1,21 @@
+"""The benchmark scripts run (on a tiny input); their figures are measured by hand, never by tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script", ["bench_prepare.py", "bench_resample.py"])
+def test_benchmark_script_runs_on_a_tiny_input(script):
+    command = [sys.executable, str(BENCH / script), "--tiny"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert len(rows) >= 3  # a header and measured rows
+    assert "speed-up" in result.stdout
