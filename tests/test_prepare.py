@@ -278,6 +278,12 @@ def test_partial_labels_record_what_each_case_annotates(tmp_path):
     index = CaseIndex(tmp_path / "a" / "index.lmdb")
     for case_id, ids in listed.items():
         assert index.get(case_id)["annotated"] == sorted(ids) and len(ids) < 13
+    # Editing the annotated list re-prepares exactly the cases whose list changed.
+    listed["phantom_001"] = sorted(listed["phantom_001"])[:-1]
+    (raw / "labelsTr" / "annotated.json").write_text(json.dumps(listed))
+    rerun = prepare_dataset(_config(raw, tmp_path / "a", unlabeled=False, workers=1), progress=False)
+    assert rerun.prepared == ["phantom_001"] and rerun.skipped == ["phantom_000"]
+    assert index.get("phantom_001")["annotated"] == listed["phantom_001"]
     (raw / "labelsTr" / "annotated.json").unlink()
     prepare_dataset(
         _config(raw, tmp_path / "b", "prepare.annotation=present", unlabeled=False, workers=1), progress=False

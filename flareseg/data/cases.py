@@ -70,14 +70,16 @@ def find_labels(folder: Path) -> dict[str, Path]:
     return found
 
 
-def find_cases(images: Path | None, labels: Path | None, unlabeled: Path | None) -> tuple[list[CaseFiles], list[str]]:
-    """Pair images with labels. Returns the cases and a list of problems (one line each, naming the files).
+def find_cases(
+    images: Path | None, labels: Path | None, unlabeled: Path | None
+) -> tuple[list[CaseFiles], list[tuple[str, str]]]:
+    """Pair images with labels. Returns the cases and the problems as (case id, "file: reason").
 
     An image in `images` without a label is a problem when `labels` is given (it is most likely a mistake);
     a label without an image too. Unlabeled cases come from their own folder.
     """
     cases: list[CaseFiles] = []
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     for folder, name in ((images, "images"), (labels, "labels"), (unlabeled, "unlabeled")):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{name} folder {folder} does not exist")
@@ -87,16 +89,16 @@ def find_cases(images: Path | None, labels: Path | None, unlabeled: Path | None)
         for case_id, image in image_files.items():
             label = label_files.get(case_id)
             if labels is not None and label is None:
-                problems.append(f"{image}: no label map named {case_id}.* in {labels}")
+                problems.append((case_id, f"{image}: no label map named {case_id}.* in {labels}"))
                 continue
             cases.append(CaseFiles(case_id, image, label))
         for case_id in sorted(set(label_files) - set(image_files)):
-            problems.append(f"{label_files[case_id]}: no image named {case_id}_0000.* in {images}")
+            problems.append((case_id, f"{label_files[case_id]}: no image named {case_id}_0000.* in {images}"))
     if unlabeled is not None:
         known = {case.case_id for case in cases}
         for case_id, image in find_images(unlabeled).items():
             if case_id in known:
-                problems.append(f"{image}: case id '{case_id}' is also a labeled case; skipped")
+                problems.append((case_id, f"{image}: case id '{case_id}' is also a labeled case"))
                 continue
             cases.append(CaseFiles(case_id, image, None))
     return cases, problems

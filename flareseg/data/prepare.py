@@ -72,7 +72,7 @@ def prepare_dataset(config: Config, progress: bool = True) -> PrepareSummary:
     summary = PrepareSummary(out_dir)
 
     cases, problems = find_cases(settings.images, settings.labels, settings.unlabeled)
-    summary.failed += [(_case_of(problem), problem) for problem in problems]
+    summary.failed += problems
     annotated = _read_annotated(
         settings.annotated_file or _default_annotated_file(settings.labels), len(config.data.labels)
     )
@@ -81,11 +81,11 @@ def prepare_dataset(config: Config, progress: bool = True) -> PrepareSummary:
         _claim_index(index, config)
         todo = []
         for case in cases:
-            if _is_prepared(index.get(case.case_id), case, out_dir):
+            if _is_prepared(index.get(case.case_id), case, out_dir, annotated.get(case.case_id)):
                 summary.skipped.append(case.case_id)
             else:
                 todo.append(case)
-        for problem in problems:
+        for _, problem in problems:
             _report(problem)
         bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress, dynamic_ncols=True)
         for case, outcome in _run_all(todo, config, out_dir, annotated, settings.workers):
@@ -183,8 +183,11 @@ def _settings_fingerprint(config: Config) -> dict:
     return {"data.labels": list(config.data.labels), **{f"prepare.{key}": prepare[key] for key in keys}}
 
 
-def _is_prepared(record: dict | None, case: CaseFiles, out_dir: Path) -> bool:
+def _is_prepared(record: dict | None, case: CaseFiles, out_dir: Path, annotated: list[int] | None) -> bool:
+    """Whether the index already holds this case from the same inputs, with all its arrays."""
     if record is None or record.get("source_stat") != _source_stat(case):
+        return False
+    if annotated is not None and record["annotated"] != sorted(set(annotated)):
         return False
     return all((out_dir / path).is_file() for path in record["arrays"].values())
 
@@ -238,11 +241,6 @@ def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
         writer.writerow(["case", "reason"])
         writer.writerows(failed)
     os.replace(tmp, path)
-
-
-def _case_of(problem: str) -> str:
-    name = Path(problem.split(": ", 1)[0]).name
-    return name.split("_0000")[0].split(".")[0]
 
 
 def _report(message: str) -> None:
