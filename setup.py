@@ -21,8 +21,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7"],
-        "dev": ["pytest>=7", "ruff>=0.5"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        "test": ["pytest>=7", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        "dev": ["pytest>=7", "ruff>=0.5", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["flareseg=flareseg.cli:main"]},
 )

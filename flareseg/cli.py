@@ -67,6 +67,18 @@ def _build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--orientation", default="random", choices=("identity", "ras", "random", "oblique"))
     phantoms.set_defaults(run=_run_phantoms)
 
+    summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
+    summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    summary.add_argument("--repeats", type=int, default=3, help="timed forward passes (median reported)")
+    summary.set_defaults(run=_run_summary)
+
+    export = commands.add_parser("export", parents=[common], help="write the model as TorchScript and/or ONNX")
+    export.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    export.add_argument("--weights", type=Path, help="state dict or checkpoint to load (default: random init)")
+    export.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=("torchscript", "onnx"))
+    export.set_defaults(run=_run_export)
+
     show = commands.add_parser("config", parents=[common], help="print the resolved config as YAML")
     show.set_defaults(run=_run_show_config)
     return parser
@@ -119,6 +131,35 @@ def _run_phantoms(args: argparse.Namespace) -> int:
         unlabeled=args.unlabeled,
     )
     print(f"wrote {len(cases)} labeled and {args.unlabeled} unlabeled phantoms to {args.out}")
+    return 0
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from flareseg.models.runtime import resolve_device
+    from flareseg.models.summary import summarize
+
+    config = load_config(args.config, args.overrides)
+    print("\n".join(summarize(config, resolve_device(args.device), args.precision, args.repeats).lines()))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from flareseg.config import save_config
+    from flareseg.models import build_model
+    from flareseg.models.export import export_onnx, export_torchscript, load_weights
+
+    config = load_config(args.config, args.overrides)
+    model = build_model(config).eval()
+    if args.weights is not None:
+        load_weights(model, args.weights)
+    example = torch.randn(1, config.model.in_channels, *config.model.input_size)
+    save_config(config, args.out)
+    for kind in args.format:
+        write = export_torchscript if kind == "torchscript" else export_onnx
+        path = write(model, example, args.out / f"{config.model.name}.{'pt' if kind == 'torchscript' else 'onnx'}")
+        print(f"wrote {path}")
     return 0
 
 

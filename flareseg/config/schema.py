@@ -117,13 +117,53 @@ class PrepareConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The network, chosen by name, with its widths and layer types (see flareseg.models)."""
+
+    name: str = "efficient_segnet"  # base_unet (coarse) | efficient_segnet (fine) | small_unet (FLARE24)
+    in_channels: int = 1  # image channels (CT: 1)
+    num_classes: int | None = None  # outputs, one sigmoid per label, no background; null = number of data.labels
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # width of each stage
+    blocks_per_stage: int = 2  # residual blocks (conv units for small_unet) per encoder stage
+    context_channels: int = 64  # width inside the EfficientSegNet context block
+    input_size: tuple[int, int, int] = (192, 192, 192)  # network input [z, y, x]: summary, export, training crops
+    norm: Literal["instance", "batch", "group"] = "instance"
+    norm_affine: bool = False  # learnable scale and shift in the norm layers
+    dropout: float = 0.2  # Dropout3d after each norm (0 = none)
+    activation: Literal["relu", "leaky_relu", "gelu", "silu"] = "relu"
+    channels_last: bool = False  # channels_last_3d memory format (faster for wide shallow layers on CPU)
+
+    def validate(self, prefix: str = "model.") -> None:
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"'{prefix}channels' must list positive widths, got {self.channels}")
+        if len(self.channels) < 2:
+            raise ConfigError(f"'{prefix}channels' needs at least 2 stages, got {self.channels}")
+        for key in ("in_channels", "blocks_per_stage", "context_channels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{prefix}{key}' must be >= 1, got {getattr(self, key)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"'{prefix}num_classes' must be >= 1 (or null), got {self.num_classes}")
+        if min(self.input_size) < 1:
+            raise ConfigError(f"'{prefix}input_size' must be positive, got {list(self.input_size)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"'{prefix}dropout' must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
 class Config:
     """The whole flareseg configuration."""
 
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> Config:
         self.data.validate()
         self.prepare.validate()
+        self.model.validate()
         return self
+
+    @property
+    def num_classes(self) -> int:
+        """Network outputs: model.num_classes, or one per data label."""
+        return self.model.num_classes if self.model.num_classes is not None else len(self.data.labels)

@@ -1,0 +1,63 @@
+"""Export an inference model as TorchScript and as ONNX (the `onnx` extra), written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Trace `model` (eval mode) on `example` (B, C, D, H, W) and save it; load with torch.jit.load."""
+    model = model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    return _atomic(path, lambda tmp: traced.save(tmp))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 18) -> Path:
+    """Export to ONNX at the example's static shape (input "image", output "logits")."""
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise RuntimeError("ONNX export needs the onnx extra: pip install 'flareseg[onnx]'") from None
+    model = model.eval()
+
+    def write(tmp: str) -> None:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(tmp)
+
+    return _atomic(path, write)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict, or a checkpoint holding one under "model", strictly (shapes and names must match)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    model.load_state_dict(state, strict=True)
+
+
+def _atomic(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

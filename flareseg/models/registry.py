@@ -1,0 +1,75 @@
+"""Networks by name: `build_model(config)` builds the one that `model.name` names."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from flareseg.config import Config, ConfigError
+from flareseg.config.schema import ModelConfig
+from flareseg.models.base_unet import BaseUNet
+from flareseg.models.blocks import UnitStyle
+from flareseg.models.efficient_segnet import EfficientSegNet
+from flareseg.models.small_unet import SmallUNet
+
+Builder = Callable[[ModelConfig, int, UnitStyle], nn.Module]
+MODELS: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Add a network builder under `name` (names are unique)."""
+
+    def add(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"a model named {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return add
+
+
+@register_model("base_unet")
+def _base_unet(cfg: ModelConfig, num_classes: int, style: UnitStyle) -> nn.Module:
+    return BaseUNet(cfg.in_channels, num_classes, tuple(cfg.channels), cfg.blocks_per_stage, style)
+
+
+@register_model("efficient_segnet")
+def _efficient_segnet(cfg: ModelConfig, num_classes: int, style: UnitStyle) -> nn.Module:
+    return EfficientSegNet(
+        cfg.in_channels, num_classes, tuple(cfg.channels), cfg.blocks_per_stage, cfg.context_channels, style
+    )
+
+
+@register_model("small_unet")
+def _small_unet(cfg: ModelConfig, num_classes: int, style: UnitStyle) -> nn.Module:
+    return SmallUNet(cfg.in_channels, num_classes, tuple(cfg.channels), cfg.blocks_per_stage, style)
+
+
+def build_model(config: Config) -> nn.Module:
+    """The network of `config.model`, initialised (Kaiming normal convs), in the configured memory format."""
+    cfg = config.model
+    if cfg.name not in MODELS:
+        close = difflib.get_close_matches(cfg.name, MODELS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown model 'model.name: {cfg.name}'{hint} (known: {', '.join(sorted(MODELS))})")
+    style = UnitStyle(norm=cfg.norm, norm_affine=cfg.norm_affine, dropout=cfg.dropout, activation=cfg.activation)
+    model = MODELS[cfg.name](cfg, config.num_classes, style)
+    init_weights(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal convolution weights (fan out, ReLU gain), zero biases, unit norm scales."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.InstanceNorm3d, nn.BatchNorm3d, nn.GroupNorm)) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
