@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +14,10 @@ from torch import nn
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
     """Trace `model` (eval mode) on `example` (B, C, D, H, W) and save it; load with torch.jit.load."""
     model = model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Shapes are traced as constants on purpose: the model is exported for its configured input size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
         traced = torch.jit.trace(model, example)
     return _atomic(path, lambda tmp: traced.save(tmp))
 
