@@ -67,6 +67,10 @@ def _build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--orientation", default="random", choices=("identity", "ras", "random", "oblique"))
     phantoms.set_defaults(run=_run_phantoms)
 
+    train = commands.add_parser("train", parents=[common], help="train one stage (coarse or fine); torchrun-aware")
+    train.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    train.set_defaults(run=_run_train)
+
     summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
     summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -131,6 +135,13 @@ def _run_phantoms(args: argparse.Namespace) -> int:
         unlabeled=args.unlabeled,
     )
     print(f"wrote {len(cases)} labeled and {args.unlabeled} unlabeled phantoms to {args.out}")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from flareseg.engine.run import train
+
+    train(load_config(args.config, args.overrides), device=args.device)
     return 0
 
 

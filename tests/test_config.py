@@ -81,6 +81,7 @@ def test_overrides_are_typed_and_strict(tmp_path, monkeypatch):
         ],
     )
     assert config.prepare.workers == 5
+    assert load_config(path, ["train.lr=3e-3"]).train.lr == 0.003  # YAML 1.1 reads 3e-3 as a string
     assert config.prepare.coarse.size is None and config.prepare.coarse.spacing == (2.0, 2.0, 3.0)
     assert config.prepare.out == (tmp_path / "relative" / "out").resolve()  # command line: relative to cwd
     for bad, message in [

@@ -371,3 +371,40 @@ def test_a_dying_worker_loses_only_its_own_case(raw_phantoms, tmp_path, monkeypa
     # The cases that were in flight beside it when the pool broke were retried and prepared.
     assert sorted(summary.prepared) == ["phantom_000", "phantom_002", "phantom_003"]
     assert CaseIndex(tmp_path / "out" / "index.lmdb").case_ids() == sorted(summary.prepared)
+
+
+def test_label_map_merges_and_drops_labels(raw_phantoms, tmp_path):
+    # FLARE21: liver, kidney (right and left merged), spleen, pancreas; every other organ becomes background.
+    config = _config(
+        raw_phantoms,
+        tmp_path / "out",
+        "data.labels=[liver, kidney, spleen, pancreas]",
+        "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3, 4: 4}",
+        unlabeled=False,
+        workers=1,
+    )
+    assert prepare_dataset(config, progress=False).ok
+    index = CaseIndex(tmp_path / "out" / "index.lmdb")
+    record = index.get("phantom_000")
+    source, _ = read_image(record["label_file"])
+    assert record["labels_present"] == [1, 2, 3, 4] and record["annotated"] == [1, 2, 3, 4]
+    fine = np.load(index.array_path(record, "fine_label"))
+    assert set(np.unique(fine).tolist()) == {0, 1, 2, 3, 4}
+    # Both kidneys are label 2 now: its voxel count is about the sum of the two source kidneys (resampled).
+    source_kidneys = np.isin(source, [2, 13]).sum() * np.prod(Geometry.from_dict(record["geometry"]).spacing)
+    fine_kidneys = (fine == 2).sum() * np.prod(Geometry.from_dict(record["fine_geometry"]).spacing)
+    assert abs(fine_kidneys / source_kidneys - 1) < 0.1
+
+
+def test_fine_source_has_room_for_margin_jitter(prepared):
+    out, _ = prepared
+    index = CaseIndex(out / "index.lmdb")
+    record = index.get("phantom_000")
+    source, fine = record["fine_source"], Box.from_list(record["crop_box"])
+    outer = Box.from_list(source["box"])
+    assert all(o_lo <= f_lo and f_hi <= o_hi for o_lo, f_lo, f_hi, o_hi in zip(outer.lo, fine.lo, fine.hi, outer.hi))
+    source_geometry = Geometry.from_dict(source["geometry"])
+    assert np.allclose(source_geometry.spacing, Geometry.from_dict(record["fine_geometry"]).spacing, rtol=0.1)
+    label = np.load(index.array_path(record, "fine_source_label"))
+    assert bounding_box(label > 0) == Box.from_list(source["foreground_box"])
+    assert index.get("phantom_004")["fine_source"] is None  # unlabeled

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -93,6 +96,8 @@ def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
             raise ConfigError(f"'{key}' expects an integer, got {_describe(value)}")
         return value
     if kind is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads "3e-3" as a string (YAML 1.1); YAML 1.2 and users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' expects a number, got {_describe(value)}")
         return float(value)

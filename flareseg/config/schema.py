@@ -101,6 +101,8 @@ class PrepareConfig:
     folds: int = 5  # k of the k-fold split of labeled cases stored in the index (1 = all cases train)
     split_seed: int = 0  # seed of the case shuffle before the k-fold split
     foreground_samples: int = 100  # voxel locations stored per label, in fine-array coordinates
+    label_map: dict[int, int] | None = None  # source label id -> data.labels id (unlisted ids -> 0); null = as is
+    source_margin_mm: float = 40.0  # extra margin of the fine training source crop (room for margin jitter)
     overwrite: bool = False  # redo every case even if the index already holds it
 
     def validate(self, prefix: str = "prepare.") -> None:
@@ -114,6 +116,11 @@ class PrepareConfig:
             raise ConfigError(f"'{prefix}foreground_samples' must be >= 0, got {self.foreground_samples}")
         if self.labels is not None and self.images is None:
             raise ConfigError(f"'{prefix}labels' is set but '{prefix}images' is not")
+        if self.source_margin_mm < 0:
+            raise ConfigError(f"'{prefix}source_margin_mm' must be >= 0, got {self.source_margin_mm}")
+        for source, target in (self.label_map or {}).items():
+            if not 0 <= source <= 255 or target < 0:
+                raise ConfigError(f"'{prefix}label_map' maps {source} -> {target}; ids must be 0..255 and >= 0")
 
 
 @dataclass
@@ -150,17 +157,134 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentations, applied to image and label together, each with its own seeded generator."""
+
+    organ_hu_shift_p: float = 0.5  # probability, per organ, of an additive HU shift of that organ's voxels
+    organ_hu_shift: float = 200.0  # the shift is uniform in [-this, +this] HU
+    flip_p: float = 0.0  # probability, per axis in flip_axes, of mirroring
+    flip_axes: list[int] = field(default_factory=lambda: [0, 1])  # array axes (z, y); x would swap left and right
+    rotate_p: float = 0.0  # probability of a rotation about each axis
+    rotate_degrees: float = 10.0  # rotation angle uniform in [-this, +this]
+    elastic_p: float = 0.0  # probability of a smooth elastic deformation
+    elastic_magnitude: float = 4.0  # voxels of maximum displacement
+    elastic_grid: int = 4  # control points per axis of the random displacement field
+    noise_p: float = 0.0  # probability of additive Gaussian noise
+    noise_std: float = 20.0  # HU
+    zoom_p: float = 0.0  # probability of an isotropic zoom about the centre
+    zoom_range: tuple[float, float] = (0.9, 1.1)
+
+    def validate(self, prefix: str = "train.augment.") -> None:
+        for key in ("organ_hu_shift_p", "flip_p", "rotate_p", "elastic_p", "noise_p", "zoom_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"'{prefix}{key}' is a probability in [0, 1], got {getattr(self, key)}")
+        if any(axis not in (0, 1, 2) for axis in self.flip_axes):
+            raise ConfigError(f"'{prefix}flip_axes' lists array axes 0, 1, 2; got {self.flip_axes}")
+        if not 0 < self.zoom_range[0] <= self.zoom_range[1]:
+            raise ConfigError(f"'{prefix}zoom_range' must be [low, high] with 0 < low <= high, got {self.zoom_range}")
+        if self.elastic_grid < 2:
+            raise ConfigError(f"'{prefix}elastic_grid' must be >= 2, got {self.elastic_grid}")
+        for key in ("organ_hu_shift", "rotate_degrees", "elastic_magnitude", "noise_std"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"'{prefix}{key}' must be >= 0, got {getattr(self, key)}")
+        if len(set(self.flip_axes)) != len(self.flip_axes):
+            raise ConfigError(f"'{prefix}flip_axes' lists an axis twice: {self.flip_axes}")
+
+
+@dataclass
+class LossConfig:
+    """Segmentation loss on per-label sigmoids (no background channel)."""
+
+    name: Literal["dice", "dice_focal", "dice_bce", "dice_topk"] = "dice"  # soft Dice (squared denominator) + ...
+    smooth: float = 1e-5  # added to the Dice numerator and denominator
+    focal_alpha: float = 0.5  # focal term: weight of positives (negatives get 1 - alpha)
+    focal_gamma: float = 2.0
+    topk_percent: float = 10.0  # TopK term: BCE averaged over the hardest k% voxels
+    second_weight: float = 1.0  # weight of the term added to Dice
+    label_weights: list[float] | None = None  # per-label weights (null = equal), e.g. a larger lesion weight
+
+    def validate(self, prefix: str = "train.loss.") -> None:
+        if not 0.0 <= self.focal_alpha <= 1.0:
+            raise ConfigError(f"'{prefix}focal_alpha' must be in [0, 1], got {self.focal_alpha}")
+        if not 0.0 < self.topk_percent <= 100.0:
+            raise ConfigError(f"'{prefix}topk_percent' must be in (0, 100], got {self.topk_percent}")
+        if self.label_weights is not None and min(self.label_weights) < 0:
+            raise ConfigError(f"'{prefix}label_weights' must be >= 0, got {self.label_weights}")
+
+
+@dataclass
+class TrainConfig:
+    """Training of one stage (coarse or fine) on prepared data."""
+
+    stage: Literal["coarse", "fine"] = "fine"  # which prepared arrays to train on
+    data: Path | None = None  # prepared folder (holding index.lmdb); null = prepare.out
+    out: Path | None = None  # run folder: checkpoints, logs, curves, config.yaml
+    fold: int = 0  # split of the index to train on; -1 = every labeled case, no validation
+    epochs: int = 200
+    iterations_per_epoch: int | None = None  # null = one pass over the training cases
+    batch_size: int = 2  # per process
+    workers: int = 2  # DataLoader worker processes per training process
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.99)  # Adam / AdamW
+    momentum: float = 0.99  # SGD (Nesterov)
+    schedule: Literal["step", "cosine", "poly", "constant"] = "step"
+    step_milestones: list[float] = field(default_factory=lambda: [0.66, 0.86])  # fractions of the epochs
+    step_factors: list[float] = field(default_factory=lambda: [0.1, 0.05])  # lr x factor from each milestone
+    poly_power: float = 0.9
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    grad_clip: float | None = 12.0  # max gradient norm; null = no clipping
+    seed: int = 0
+    val_every: int = 1  # epochs between validations
+    resume: bool = True  # continue from out/checkpoint_latest.pt when it exists
+    pretrained: Path | None = None  # weights to start from (partial load with a shape check)
+    lesion_label: int | None = None  # label id whose cases are oversampled (e.g. 14)
+    lesion_oversample: int = 1  # each case with that label appears this many times per epoch
+    fine_margin_jitter_mm: float = 20.0  # fine crops use margin prepare.fine.margin_mm +- this, per side
+    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    progress: bool = True  # progress bar on rank 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self, prefix: str = "train.") -> None:
+        for key in ("epochs", "batch_size", "val_every", "lesion_oversample"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{prefix}{key}' must be >= 1, got {getattr(self, key)}")
+        if self.workers < 0 or (self.iterations_per_epoch is not None and self.iterations_per_epoch < 1):
+            raise ConfigError(f"'{prefix}workers' must be >= 0 and '{prefix}iterations_per_epoch' >= 1")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"'{prefix}lr' must be > 0 and '{prefix}weight_decay' >= 0")
+        if len(self.step_milestones) != len(self.step_factors):
+            raise ConfigError(f"'{prefix}step_milestones' and '{prefix}step_factors' must have the same length")
+        if self.fine_margin_jitter_mm < 0:
+            raise ConfigError(f"'{prefix}fine_margin_jitter_mm' must be >= 0, got {self.fine_margin_jitter_mm}")
+        self.augment.validate(f"{prefix}augment.")
+        self.loss.validate(f"{prefix}loss.")
+
+
+@dataclass
 class Config:
     """The whole flareseg configuration."""
 
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
         self.data.validate()
         self.prepare.validate()
         self.model.validate()
+        self.train.validate()
+        for source, target in (self.prepare.label_map or {}).items():
+            if target > len(self.data.labels):
+                raise ConfigError(
+                    f"'prepare.label_map' maps {source} -> {target}, but data.labels has {len(self.data.labels)} names"
+                )
+        weights = self.train.loss.label_weights
+        if weights is not None and len(weights) != self.num_classes:
+            raise ConfigError(f"'train.loss.label_weights' needs {self.num_classes} values, got {len(weights)}")
         return self
 
     @property

@@ -36,7 +36,7 @@ INDEX_DIR = "index.lmdb"
 FAILURES_FILE = "failures.csv"
 META_KEY = "__meta__"
 SPLITS_KEY = "__splits__"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 POOL_START_METHOD = "forkserver"  # workers start clean, with no threads or handles inherited from the caller
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _claim_index(index: IndexWriter, config: Config) -> None:
 
 def _settings_fingerprint(config: Config) -> dict:
     prepare = to_plain(config.prepare)
-    keys = ("coarse", "fine", "label_resampling", "annotation", "foreground_samples")
+    keys = ("coarse", "fine", "label_resampling", "annotation", "foreground_samples", "label_map", "source_margin_mm")
     return {"data.labels": list(config.data.labels), **{f"prepare.{key}": prepare[key] for key in keys}}
 
 

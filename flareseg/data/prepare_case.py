@@ -45,41 +45,29 @@ def prepare_case(case: CaseFiles, config: Config, out_dir: Path, annotated: list
     """
     settings = config.prepare
     timer = _StepTimer()
-    image, geometry = read_image(case.image)
-    label = None
-    if case.label is not None:
-        label, label_geometry = read_image(case.label)
-        _check_label(case, label, label_geometry, geometry, num_labels=len(config.data.labels))
+    image, geometry, label = _read_case(case, config)
     timer.lap("read")
 
     image_c, canonical, plan = to_canonical(image, geometry)
-    label_c = None if label is None else plan.apply(label.astype(np.uint8, copy=False))
-    image_t = torch.from_numpy(np.ascontiguousarray(image_c))
-    label_t = None if label_c is None else torch.from_numpy(np.ascontiguousarray(label_c))
-
-    coarse_size = _grid_size(settings.coarse, canonical)
-    coarse_image = _to_int16(resize_image(image_t, coarse_size))
-    coarse_label = resize_label(label_t, coarse_size, settings.label_resampling) if label_t is not None else None
-
+    label_c = None if label is None else plan.apply(label)
+    volume = _CanonicalVolume(_tensor(image_c), _tensor(label_c), canonical, settings.label_resampling)
+    coarse = volume.region(Box.full(canonical.shape), settings.coarse)
     foreground = bounding_box(label_c > 0) if label_c is not None else None
-    box = (
-        Box.full(canonical.shape)
-        if foreground is None
-        else expand_box_mm(foreground, settings.fine.margin_mm, canonical.spacing, canonical.shape)
-    )
-    crop_geometry = Geometry(
-        canonical.spacing, canonical.index_to_physical(np.array(box.lo)), canonical.direction, box.shape
-    )
-    fine_size = _grid_size(settings.fine, crop_geometry)
-    fine_image = _to_int16(resize_image(image_t[box.slices], fine_size))
-    fine_label = (
-        resize_label(label_t[box.slices], fine_size, settings.label_resampling) if label_t is not None else None
-    )
+    if foreground is None:  # unlabeled (or an empty label map): the fine arrays hold the whole image
+        fine, source = volume.region(Box.full(canonical.shape), settings.fine), None
+    else:
+        fine = volume.region(_grow(foreground, settings.fine.margin_mm, canonical), settings.fine)
+        # The fine training source: more margin, on the fine arrays' voxel size, so that training crops with a
+        # jittered margin are cut from it and resized only mildly.
+        source_box = _grow(foreground, settings.fine.margin_mm + settings.source_margin_mm, canonical)
+        source = volume.region(source_box, GridConfig(size=None, spacing=fine.geometry.spacing))
     timer.lap("resample")
 
-    arrays = {"coarse_image": coarse_image, "fine_image": fine_image}
-    if label_t is not None:
-        arrays.update(coarse_label=coarse_label.numpy(), fine_label=fine_label.numpy())
+    arrays = {"coarse_image": coarse.image, "fine_image": fine.image}
+    if label_c is not None:
+        arrays.update(coarse_label=coarse.label, fine_label=fine.label)
+    if source is not None:
+        arrays.update(fine_source_image=source.image, fine_source_label=source.label)
     paths = {name: _save_array(out_dir, case.case_id, name, array) for name, array in arrays.items()}
     timer.lap("write")
 
@@ -93,13 +81,14 @@ def prepare_case(case: CaseFiles, config: Config, out_dir: Path, annotated: list
         "geometry": geometry.to_dict(),
         "reorientation": {"axes": list(plan.axes), "flips": list(plan.flips)},
         "canonical_geometry": canonical.to_dict(),
-        "crop_box": box.to_list(),
-        "coarse_geometry": resampled_geometry(canonical, coarse_size).to_dict(),
-        "fine_geometry": resampled_geometry(crop_geometry, fine_size).to_dict(),
+        "crop_box": fine.box.to_list(),
+        "coarse_geometry": coarse.geometry.to_dict(),
+        "fine_geometry": fine.geometry.to_dict(),
+        "fine_source": None if source is None else _source_record(source),
         "labels_present": present,
         "annotated": _annotated(case, present, annotated, len(config.data.labels), settings.annotation),
         "arrays": paths,
-        "foreground_locations": _foreground_locations(fine_label, settings.foreground_samples, case.case_id),
+        "foreground_locations": _foreground_locations(fine.label, settings.foreground_samples, case.case_id),
         "intensity": {
             "image": intensity_statistics(image_c),
             "foreground": intensity_statistics(image_c, label_c) if present else {},
@@ -109,7 +98,48 @@ def prepare_case(case: CaseFiles, config: Config, out_dir: Path, annotated: list
     return PreparedCase(record, timer.times)
 
 
-def _check_label(case: CaseFiles, label: np.ndarray, label_geometry: Geometry, geometry: Geometry, num_labels: int):
+@dataclass
+class _Region:
+    """A box of the canonical volume resampled onto a stage's grid."""
+
+    image: np.ndarray  # int16 HU
+    label: np.ndarray | None  # uint8 label ids
+    geometry: Geometry  # of the resampled arrays
+    box: Box  # in canonical array indices
+
+
+@dataclass
+class _CanonicalVolume:
+    image: torch.Tensor
+    label: torch.Tensor | None
+    geometry: Geometry
+    label_mode: str
+
+    def region(self, box: Box, grid: GridConfig) -> _Region:
+        origin = self.geometry.index_to_physical(np.array(box.lo))
+        crop_geometry = Geometry(self.geometry.spacing, origin, self.geometry.direction, box.shape)
+        size = _grid_size(grid, crop_geometry)
+        image = _to_int16(resize_image(self.image[box.slices], size))
+        label = None if self.label is None else resize_label(self.label[box.slices], size, self.label_mode).numpy()
+        return _Region(image, label, resampled_geometry(crop_geometry, size), box)
+
+
+def _source_record(source: _Region) -> dict:
+    """Where the fine training source sits, and the tight label box inside it (its array indices)."""
+    foreground = bounding_box(source.label > 0)
+    return {
+        "box": source.box.to_list(),
+        "geometry": source.geometry.to_dict(),
+        "foreground_box": None if foreground is None else foreground.to_list(),
+    }
+
+
+def _read_case(case: CaseFiles, config: Config) -> tuple[np.ndarray, Geometry, np.ndarray | None]:
+    """The image, its geometry, and the label map (checked, mapped to data.labels ids, uint8) or None."""
+    image, geometry = read_image(case.image)
+    if case.label is None:
+        return image, geometry, None
+    label, label_geometry = read_image(case.label)
     if not label_geometry.same_grid(geometry, atol=1e-3):
         raise CaseError(
             f"{case.label}: label grid does not match the image {case.image.name} "
@@ -117,14 +147,38 @@ def _check_label(case: CaseFiles, label: np.ndarray, label_geometry: Geometry, g
             f"{_fmt(label_geometry.origin)}; image shape {geometry.shape}, spacing {_fmt(geometry.spacing)}, "
             f"origin {_fmt(geometry.origin)})"
         )
+    return image, geometry, _map_labels(case, label, config)
+
+
+def _map_labels(case: CaseFiles, label: np.ndarray, config: Config) -> np.ndarray:
+    """Label ids as uint8 in the configured numbering (through prepare.label_map when it is set)."""
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
         raise CaseError(f"{case.label}: label map holds non-integer values; expected label ids")
-    bad = [v for v in _label_values(label) if v < 0 or v > num_labels]
+    label_map = config.prepare.label_map
+    num_labels = len(config.data.labels)
+    limit = 255 if label_map is not None else num_labels
+    bad = [v for v in _label_values(label) if v < 0 or v > limit]
     if bad:
-        raise CaseError(
-            f"{case.label}: label ids {', '.join(str(int(v)) for v in bad)} are outside the configured labels "
-            f"0..{num_labels} (data.labels has {num_labels} names)"
+        allowed = (
+            "0..255 (prepare.label_map)"
+            if label_map is not None
+            else f"the configured labels 0..{num_labels} (data.labels has {num_labels} names)"
         )
+        raise CaseError(f"{case.label}: label ids {', '.join(str(int(v)) for v in bad)} are outside {allowed}")
+    if label_map is None:
+        return label.astype(np.uint8, copy=False)
+    table = np.zeros(256, dtype=np.uint8)
+    for source, target in label_map.items():
+        table[source] = target
+    return table[label.astype(np.uint8, copy=False)]
+
+
+def _grow(box: Box, margin_mm: float, geometry: Geometry) -> Box:
+    return expand_box_mm(box, margin_mm, geometry.spacing, geometry.shape)
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _label_values(label: np.ndarray) -> list[int]:
@@ -165,11 +219,11 @@ def _annotated(case: CaseFiles, present: list[int], listed: list[int] | None, nu
     return present if mode == "present" else list(range(1, num_labels + 1))
 
 
-def _foreground_locations(fine_label: torch.Tensor | None, per_label: int, case_id: str) -> dict[str, list]:
+def _foreground_locations(fine_label: np.ndarray | None, per_label: int, case_id: str) -> dict[str, list]:
     """Up to `per_label` random voxel locations [z, y, x] of each label in the fine array (seeded by case id)."""
     if fine_label is None or per_label == 0:
         return {}
-    flat = fine_label.numpy().ravel()
+    flat = fine_label.ravel()
     where = np.flatnonzero(flat)
     values = flat[where]
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little"))

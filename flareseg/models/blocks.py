@@ -55,7 +55,14 @@ class ConvUnit(nn.Module):
         self.act = make_activation(style.activation) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(self.norm(self.conv(x))))
+        x = self.conv(x)
+        if x.dtype != torch.float32:
+            # Under fp16/bf16 autocast the statistics are taken in float32: on small feature maps (a few voxels
+            # per channel at the bottleneck) reduced-precision normalisation overflows in the backward pass.
+            x = self.norm(x.float()).to(x.dtype)
+        else:
+            x = self.norm(x)
+        return self.act(self.drop(x))
 
 
 class ResidualBlock(nn.Module):

@@ -1,0 +1,160 @@
+"""Training and validation samples over prepared arrays.
+
+Every item is a dict: "image" float32 (1, D, H, W), HU-windowed and z-scored; "label" uint8 (D, H, W) label ids;
+"annotated" bool (C,) (partial labels: which labels this case annotates); "case_id".
+
+Training items are random but reproducible: item k of epoch e draws all its randomness from a generator seeded
+by (seed, e, k), so what a sample looks like does not depend on workers, processes or interruptions.
+Arrays are memory-mapped from the prepared .npy files; raw images are never read again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from flareseg.config import Config
+from flareseg.data.augment import Augmenter
+from flareseg.data.crop import Box
+from flareseg.data.index import CaseIndex
+from flareseg.data.intensity import window_and_zscore
+from flareseg.data.resample import resize_image, resize_label
+
+Stage = str  # "coarse" | "fine"
+
+
+class _PreparedSamples(Dataset):
+    def __init__(self, index_path: str | os.PathLike, case_ids: list[str], config: Config):
+        self.index = CaseIndex(index_path)
+        self.case_ids = list(case_ids)
+        self.num_labels = config.num_classes
+        self.window = config.data.hu_window
+        self.size = tuple(config.model.input_size)
+        self.label_mode = config.prepare.label_resampling
+        missing = [case_id for case_id in self.case_ids if case_id not in self.index]
+        if missing:
+            raise KeyError(f"cases not in the index {self.index.path}: {', '.join(missing[:10])}")
+
+    def _array(self, record: dict, name: str) -> np.ndarray:
+        return np.load(self.index.array_path(record, name), mmap_mode="r")
+
+    def _item(self, record: dict, image: torch.Tensor, label: torch.Tensor) -> dict:
+        annotated = torch.zeros(self.num_labels, dtype=torch.bool)
+        annotated[[i - 1 for i in record["annotated"] if i <= self.num_labels]] = True
+        return {
+            "case_id": record["case_id"],
+            "image": window_and_zscore(image, self.window)[None],
+            "label": label,
+            "annotated": annotated,
+        }
+
+
+class TrainingSamples(_PreparedSamples):
+    """Random training samples of one stage, `length` per epoch (cases cycled, lesion cases repeated).
+
+    coarse: the whole-volume coarse arrays (resized to model.input_size if they differ), augmented.
+    fine: the label box plus a margin of prepare.fine.margin_mm +- train.fine_margin_jitter_mm (uniform and
+    independent on each of the six faces, symmetric, never below 0), cut from the fine training source,
+    resized to model.input_size, augmented.
+    """
+
+    def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage, length: int | None = None):
+        super().__init__(index_path, case_ids, config)
+        train = config.train
+        self.stage = stage
+        self.seed = train.seed
+        self.epoch = 0
+        self.margin_mm = config.prepare.fine.margin_mm
+        self.jitter_mm = train.fine_margin_jitter_mm
+        self.augment = Augmenter(train.augment)
+        plan = []
+        for case_id in self.case_ids:
+            record = self.index.get(case_id)
+            repeats = train.lesion_oversample if train.lesion_label in record["labels_present"] else 1
+            plan += [case_id] * repeats
+        if not plan:
+            raise ValueError("no labeled cases to train on")
+        length = length or len(plan)
+        self.plan = [plan[k % len(plan)] for k in range(length)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> dict:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k))
+        record = self.index.get(self.plan[k])
+        image, label, spacing = self._fine_crop(record, generator) if self.stage == "fine" else self._coarse(record)
+        if self.augment.enabled:
+            image, label = self.augment(image, label, generator, spacing=spacing)
+        return self._item(record, image, label)
+
+    def _coarse(self, record: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
+        image = torch.from_numpy(np.array(self._array(record, "coarse_image"), dtype=np.float32))
+        label = torch.from_numpy(np.array(self._array(record, "coarse_label")))
+        spacing = _spacing_after_resize(record["coarse_geometry"]["spacing"], image.shape, self.size)
+        if tuple(image.shape) != self.size:
+            image, label = resize_image(image, self.size), resize_label(label, self.size, self.label_mode)
+        return image, label, spacing
+
+    def _fine_crop(self, record: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        source = record["fine_source"]
+        if source is None or source["foreground_box"] is None:
+            raise ValueError(f"case {record['case_id']} has no fine training source (no labels?)")
+        image, label = self._array(record, "fine_source_image"), self._array(record, "fine_source_label")
+        box = _jittered_box(
+            Box.from_list(source["foreground_box"]),
+            source["geometry"]["spacing"],
+            image.shape,
+            self.margin_mm,
+            self.jitter_mm,
+            generator,
+        )
+        crop_image = torch.from_numpy(np.array(image[box.slices], dtype=np.float32))
+        crop_label = torch.from_numpy(np.array(label[box.slices]))
+        spacing = _spacing_after_resize(source["geometry"]["spacing"], box.shape, self.size)
+        return resize_image(crop_image, self.size), resize_label(crop_label, self.size, self.label_mode), spacing
+
+
+class ValidationSamples(_PreparedSamples):
+    """The fixed validation data of a stage: the stored coarse or fine arrays, not augmented, any shape."""
+
+    def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage):
+        super().__init__(index_path, case_ids, config)
+        self.stage = stage
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __getitem__(self, k: int) -> dict:
+        record = self.index.get(self.case_ids[k])
+        image = torch.from_numpy(np.array(self._array(record, f"{self.stage}_image"), dtype=np.float32))
+        label = torch.from_numpy(np.array(self._array(record, f"{self.stage}_label")))
+        return self._item(record, image, label)
+
+
+def _jittered_box(foreground: Box, spacing, shape, margin_mm: float, jitter_mm: float, generator) -> Box:
+    """The foreground box grown by margin +- jitter mm on each face (independent, uniform), inside the array."""
+    offsets = (torch.rand(2, 3, generator=generator, dtype=torch.float64) * 2 - 1) * jitter_mm + margin_mm
+    offsets = offsets.clamp_min(0.0)
+    lo = [max(0, f - math.ceil(float(offsets[0, a]) / spacing[a])) for a, f in enumerate(foreground.lo)]
+    hi = [
+        min(n, f + math.ceil(float(offsets[1, a]) / spacing[a])) for a, (f, n) in enumerate(zip(foreground.hi, shape))
+    ]
+    return Box(tuple(lo), tuple(hi))
+
+
+def _spacing_after_resize(spacing, shape, size) -> tuple[float, ...]:
+    """Voxel size (mm) after a corner-aligned resize of `shape` voxels of `spacing` to `size` voxels."""
+    return tuple(s * (n - 1) / (m - 1) if m > 1 else s for s, n, m in zip(spacing, shape, size))
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (SeedSequence mixing: nearby inputs give unrelated seeds)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)

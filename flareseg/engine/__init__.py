@@ -1,0 +1,1 @@
+"""Training: distributed setup, optimisation, checkpoints, run logs and the trainer."""

@@ -1,0 +1,87 @@
+"""Checkpoints: tensors and plain types only (loadable with torch.load(weights_only=True)), written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LATEST = "checkpoint_latest.pt"
+BEST = "checkpoint_best.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write `state` to a temporary file in the same folder, then rename it: never a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint's state, loaded safely (tensors and plain types only), on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class LoadReport:
+    """What a partial load of pretrained weights did."""
+
+    loaded: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)  # "name: checkpoint shape -> model shape"
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, names in (
+            ("skipped, shape differs", self.shape_mismatch),
+            ("not in the checkpoint", self.missing),
+            ("not in the model", self.unexpected),
+        ):
+            if names:
+                lines.append(f"{title} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+        return "; ".join(lines)
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Fine-tuning start: copy every tensor whose name and shape match; report the rest."""
+    state = load_checkpoint(path)
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    own = unwrap(model).state_dict()
+    report = LoadReport()
+    usable = {}
+    for name, tensor in state.items():
+        if name not in own:
+            report.unexpected.append(name)
+        elif own[name].shape != tensor.shape:
+            report.shape_mismatch.append(f"{name}: {tuple(tensor.shape)} -> {tuple(own[name].shape)}")
+        else:
+            usable[name] = tensor
+            report.loaded.append(name)
+    report.missing = [name for name in own if name not in state]
+    unwrap(model).load_state_dict(usable, strict=False)
+    return report

@@ -1,0 +1,65 @@
+"""Distributed data parallel set up from torchrun's environment: nccl on GPUs, gloo on CPUs.
+
+Without torchrun (no WORLD_SIZE in the environment) everything runs in one process as rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group that torchrun describes (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        target = torch.device("cuda", torch.cuda.current_device())
+    else:
+        target = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return DistributedContext(rank, world_size, local_rank, target)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.distributed:
+        dist.barrier()
+
+
+def mean_over_processes(value: float, context: DistributedContext) -> float:
+    """The mean of a number over all processes (the number itself in a single process)."""
+    if not context.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / context.world_size

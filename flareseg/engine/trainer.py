@@ -1,0 +1,275 @@
+"""The trainer: one stage (coarse or fine) on prepared data, with torch.amp and DDP, resumable and observable.
+
+fit():
+    before_train hooks
+    for each epoch:  set lr -> train_epoch (train_step per batch) -> validate -> checkpoint -> log -> hooks
+    after_train hooks
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from flareseg.config import Config, ConfigError, save_config, to_plain
+from flareseg.data.index import CaseIndex
+from flareseg.data.training_sets import TrainingSamples, ValidationSamples
+from flareseg.engine.checkpoint import BEST, LATEST, load_checkpoint, load_pretrained, save_checkpoint, unwrap
+from flareseg.engine.distributed import DistributedContext, barrier, mean_over_processes
+from flareseg.engine.optim import build_optimizer, set_learning_rate
+from flareseg.engine.runlog import RunLog
+from flareseg.losses import build_loss, hard_dice
+from flareseg.models import build_model
+from flareseg.models.runtime import autocast
+
+log = logging.getLogger(__name__)
+Hook = Callable[["Trainer"], None]
+
+
+class Trainer:
+    """Trains `config.model` on `config.train.stage` arrays of the prepared data in `config.train.data`."""
+
+    def __init__(self, config: Config, context: DistributedContext):
+        self.config, self.context, self.settings = config, context, config.train
+        self.out_dir = _required(self.settings.out, "train.out")
+        self.data_dir = _required(self.settings.data or config.prepare.out, "train.data (or prepare.out)")
+        self.device = context.device
+        self.precision = _precision(self.settings.precision, self.device)
+        self.hooks: dict[str, list[Hook]] = {"before_train": [], "after_epoch": [], "after_train": []}
+
+        torch.manual_seed(self.settings.seed)  # the same initial weights in every process
+        self.model = build_model(config).to(self.device)
+        if self.settings.pretrained is not None:
+            report = load_pretrained(self.model, self.settings.pretrained)
+            self._info(f"pretrained weights from {self.settings.pretrained}: {report.summary()}")
+        self.network = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if context.distributed
+            else self.model
+        )
+        self.optimizer = build_optimizer(self.settings, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.loss = build_loss(self.settings.loss).to(self.device)
+        self.label_ids = torch.arange(1, config.num_classes + 1, device=self.device).view(1, -1, 1, 1, 1)
+
+        train_ids, val_ids = _split(CaseIndex(self.data_dir / "index.lmdb"), self.settings.fold)
+        length = None
+        if self.settings.iterations_per_epoch is not None:
+            length = self.settings.iterations_per_epoch * self.settings.batch_size * context.world_size
+        index_path = self.data_dir / "index.lmdb"
+        self.train_set = TrainingSamples(index_path, train_ids, config, self.settings.stage, length)
+        self.val_set = ValidationSamples(index_path, val_ids, config, self.settings.stage) if val_ids else None
+        self.sampler = DistributedSampler(
+            self.train_set,
+            num_replicas=context.world_size,
+            rank=context.rank,
+            shuffle=True,
+            seed=self.settings.seed,
+            drop_last=False,
+        )
+
+        self.epoch = 0  # the next epoch to run
+        self.best_dice = -1.0
+        history = []
+        if self.settings.resume and (self.out_dir / LATEST).is_file():
+            history = self._resume(self.out_dir / LATEST)
+        self.runlog = RunLog(self.out_dir, history, self.settings.tensorboard) if context.is_main else None
+
+    # ---------------------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train to `train.epochs`; returns the per-epoch records."""
+        if self.context.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out_dir)
+        self._run_hooks("before_train")
+        while self.epoch < self.settings.epochs:
+            lr = set_learning_rate(self.optimizer, self.settings, self.epoch)
+            start = time.perf_counter()
+            train_loss, samples = self.train_epoch()
+            seconds = time.perf_counter() - start
+            record = {
+                "epoch": self.epoch,
+                "lr": lr,
+                "train_loss": train_loss,
+                "seconds": seconds,
+                "processes": self.context.world_size,
+                "samples_per_second": samples * self.context.world_size / seconds,
+            }
+            if self.val_set is not None and (
+                (self.epoch + 1) % self.settings.val_every == 0 or self.epoch + 1 == self.settings.epochs
+            ):
+                record.update(self.validate())
+            self.epoch += 1
+            if self.context.is_main:
+                self._save(record)
+            barrier(self.context)
+            self._run_hooks("after_epoch")
+        self._run_hooks("after_train")
+        if self.runlog is not None:
+            self.runlog.close()
+        return self.runlog.history if self.runlog is not None else []
+
+    def train_epoch(self) -> tuple[float, int]:
+        """One pass over this epoch's samples; returns the mean loss (over all processes) and the sample count."""
+        self.network.train()
+        self.train_set.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=self.settings.batch_size,
+            sampler=self.sampler,
+            num_workers=self.settings.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+            persistent_workers=False,
+        )
+        total, steps, samples = 0.0, 0, 0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {self.epoch + 1}/{self.settings.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not (self.settings.progress and self.context.is_main),
+            dynamic_ncols=True,
+        )
+        for batch in bar:
+            loss = self.train_step(batch)
+            total, steps, samples = total + loss, steps + 1, samples + len(batch["case_id"])
+            bar.set_postfix(loss=f"{loss:.4f}")
+        return mean_over_processes(total / max(steps, 1), self.context), samples
+
+    def train_step(self, batch: dict) -> float:
+        """autocast forward -> loss -> scaled backward -> unscale -> clip -> step -> zero_grad."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        annotated = batch["annotated"].to(self.device, non_blocking=True)
+        target = label.unsqueeze(1) == self.label_ids  # multi-hot (B, C, D, H, W)
+        with autocast(self.device, self.precision):
+            logits = self.network(image)
+        loss = self.loss(logits, target, annotated)
+        if not torch.isfinite(loss):
+            cases = ", ".join(batch["case_id"])
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at epoch {self.epoch + 1} (cases {cases}, precision "
+                f"{self.precision}); lower train.lr, set train.grad_clip, or use train.precision=fp32"
+            )
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.settings.grad_clip if self.settings.grad_clip is not None else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not torch.isfinite(grad_norm) and self.precision != "fp16":  # fp16: the scaler skips such steps
+            raise FloatingPointError(
+                f"non-finite gradients at epoch {self.epoch + 1} (precision {self.precision}); "
+                "lower train.lr or use train.precision=fp32"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Dice per organ at threshold 0.5 on the fixed validation data (rank 0; the others wait)."""
+        if not self.context.is_main:
+            return {}
+        model = self.model.eval()
+        per_label_sum = torch.zeros(self.config.num_classes, dtype=torch.float64)
+        per_label_count = torch.zeros(self.config.num_classes, dtype=torch.float64)
+        for item in DataLoader(self.val_set, batch_size=1, num_workers=min(self.settings.workers, 2)):
+            image = item["image"].to(self.device)
+            target = item["label"].to(self.device).unsqueeze(1) == self.label_ids
+            with autocast(self.device, self.precision):
+                logits = model(image)
+            dice = hard_dice(logits.float() > 0, target)[0].cpu().double()  # sigmoid > 0.5 <=> logit > 0
+            annotated = item["annotated"][0].double()
+            per_label_sum += dice * annotated
+            per_label_count += annotated
+        means = (per_label_sum / per_label_count.clamp_min(1)).tolist()
+        names = self.config.data.labels[: self.config.num_classes]
+        organs = {name: means[i] for i, name in enumerate(names) if per_label_count[i] > 0}
+        return {"val_dice_mean": sum(organs.values()) / max(len(organs), 1), "val_dice": organs}
+
+    def add_hook(self, when: str, hook: Hook) -> None:
+        """Run `hook(trainer)` at "before_train", "after_epoch" or "after_train"."""
+        self.hooks[when].append(hook)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _save(self, record: dict) -> None:
+        improved = record.get("val_dice_mean") is not None and record["val_dice_mean"] > self.best_dice
+        if improved:
+            self.best_dice = record["val_dice_mean"]
+        record["best_val_dice_mean"] = self.best_dice if self.best_dice >= 0 else None
+        self.runlog.add(record)
+        state = self._state()
+        save_checkpoint(self.out_dir / LATEST, state)
+        if improved:
+            save_checkpoint(self.out_dir / BEST, state)
+        dice = f", val Dice {record['val_dice_mean']:.4f}" if record.get("val_dice_mean") is not None else ""
+        self._info(
+            f"epoch {record['epoch'] + 1}/{self.settings.epochs}: loss {record['train_loss']:.4f}{dice}, "
+            f"{record['samples_per_second']:.2f} samples/s"
+        )
+
+    def _state(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_val_dice_mean": self.best_dice,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": self.runlog.history,
+            "config": to_plain(self.config),
+        }
+
+    def _resume(self, path: Path) -> list[dict]:
+        state = load_checkpoint(path)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best_dice = state["epoch"], state["best_val_dice_mean"]
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._info(f"resumed from {path} at epoch {self.epoch + 1}")
+        return state["history"]
+
+    def _run_hooks(self, when: str) -> None:
+        for hook in self.hooks[when]:
+            hook(self)
+
+    def _info(self, message: str) -> None:
+        if self.context.is_main:
+            log.info(message)
+
+
+def _split(index: CaseIndex, fold: int) -> tuple[list[str], list[str]]:
+    labeled = [case_id for case_id in index.case_ids() if index.get(case_id)["labeled"]]
+    if fold < 0:
+        return labeled, []
+    splits = index.meta("__splits__")
+    if splits is None or fold >= len(splits["splits"]):
+        available = 0 if splits is None else len(splits["splits"])
+        raise ConfigError(f"'train.fold' is {fold}, but the index {index.path} holds {available} folds")
+    return splits["splits"][fold]["train"], splits["splits"][fold]["val"]
+
+
+def _precision(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return choice
+
+
+def _required(path: Path | None, key: str) -> Path:
+    if path is None:
+        raise ConfigError(f"'{key}' is not set: give it in the config or with --set")
+    return Path(path)

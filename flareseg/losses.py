@@ -1,0 +1,196 @@
+"""Segmentation losses on per-label sigmoids (no background channel), with partial-label masks.
+
+Shapes: `logits` and `target` are [B, C, *spatial] (C labels, one sigmoid each; target multi-hot, any dtype);
+`annotated` is [B, C] bool, False where a case does not annotate a label: that (sample, label) pair adds no
+loss and gets no gradient. Losses are computed in float32 whatever the dtype of the logits (autocast).
+
+`build_loss(config.train.loss)` gives soft Dice (squared denominator) plus the second term that
+`LossConfig.name` picks: "dice" (none), "dice_focal", "dice_bce" or "dice_topk". `hard_dice` is the
+validation metric (FLARE convention: both masks empty = 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flareseg.config import ConfigError
+from flareseg.config.schema import LossConfig
+
+SecondTerm = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target [B, C, N], pair weights [B, C]) -> scalar
+LossBuilder = Callable[[LossConfig], SecondTerm | None]  # the term a loss name adds to Dice (None = Dice only)
+LOSSES: dict[str, LossBuilder] = {}
+
+
+def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """sum(w * v) / sum(w) over pairs with w > 0: values, weights [B, C] -> scalar.
+
+    Pairs with w == 0 get exactly zero gradient (even where a value is not finite); with no positive weight
+    the result is 0, still attached to `values` so that `backward()` works.
+    """
+    total = (torch.where(weights > 0, values, 0.0) * weights).sum()
+    norm = weights.sum()
+    return total / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def soft_dice(probs: Tensor, target: Tensor, smooth: float) -> Tensor:
+    """Soft Dice with squared denominator, (2 sum pg + s) / (sum p^2 + sum g^2 + s): [B, C, N] -> [B, C]."""
+    intersection = (probs * target).sum(-1)
+    denominator = probs.square().sum(-1) + target.square().sum(-1)
+    return (2 * intersection + smooth) / (denominator + smooth)
+
+
+def focal_map(logits: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Per-voxel binary focal loss -alpha_t (1 - p_t)^gamma log(p_t): [B, C, ...] -> same shape.
+
+    p_t = p where g = 1 else 1 - p, alpha_t = alpha where g = 1 else 1 - alpha. Stable for large |logits|:
+    -log(p_t) is BCE-with-logits, so 1 - p_t = -expm1(-BCE).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return alpha_t * (-torch.expm1(-bce)).pow(gamma) * bce
+
+
+def focal_term(logits: Tensor, target: Tensor, weights: Tensor, *, alpha: float, gamma: float) -> Tensor:
+    """Focal loss averaged over the voxels of the weighted (sample, label) pairs: [B, C, N] -> scalar."""
+    return weighted_mean(focal_map(logits, target, alpha, gamma).mean(-1), weights)
+
+
+def bce_term(logits: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """BCE-with-logits averaged over the voxels of the weighted (sample, label) pairs: [B, C, N] -> scalar."""
+    return weighted_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1), weights)
+
+
+def topk_term(logits: Tensor, target: Tensor, weights: Tensor, *, percent: float) -> Tensor:
+    """Mean of the largest `percent`% per-voxel BCE values of each sample, averaged over samples: -> scalar.
+
+    A sample's pool is the voxels of its labels with weight > 0; at least one voxel is kept. The kept
+    voxels are averaged with their label's weight (plain mean when the weights are equal). Samples with
+    an empty pool are left out; 0 (attached to `logits`) when every pool is empty.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    voxels = bce.shape[-1]
+    per_sample = []
+    for sample_bce, sample_weights in zip(bce, weights):
+        keep = sample_weights > 0
+        if not keep.any():
+            continue
+        pool = sample_bce[keep].flatten()
+        k = max(1, round(pool.numel() * percent / 100))
+        top, index = pool.topk(k)
+        top_weights = sample_weights[keep][index // voxels]
+        per_sample.append((top * top_weights).sum() / top_weights.sum())
+    if not per_sample:
+        return logits.sum() * 0
+    return torch.stack(per_sample).mean()
+
+
+class SegmentationLoss(nn.Module):
+    """Soft Dice + `second_weight` x an optional second term, over the annotated (sample, label) pairs.
+
+    Dice is the weighted mean of 1 - Dice over pairs; `label_weights` (length C, None = all 1) weigh the
+    labels in every term. forward(logits, target, annotated=None) -> float32 scalar.
+    """
+
+    def __init__(
+        self,
+        smooth: float = 1e-5,
+        second_term: SecondTerm | None = None,
+        second_weight: float = 1.0,
+        label_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.smooth = smooth
+        self.second_term = second_term
+        self.second_weight = second_weight
+        weights = None if label_weights is None else torch.as_tensor(label_weights, dtype=torch.float32)
+        self.register_buffer("label_weights", weights)
+
+    def forward(self, logits: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
+        """logits, target [B, C, *spatial]; annotated [B, C] bool or None (all annotated) -> scalar."""
+        if logits.shape != target.shape or logits.dim() < 3:
+            raise ValueError(f"logits and target must both be [B, C, *spatial], got {logits.shape} and {target.shape}")
+        with torch.autocast(logits.device.type, enabled=False):
+            flat_logits = logits.float().flatten(2)
+            flat_target = target.float().flatten(2)
+            weights = self.pair_weights(annotated, logits.shape[0], logits.shape[1], logits.device)
+            loss = weighted_mean(1 - soft_dice(torch.sigmoid(flat_logits), flat_target, self.smooth), weights)
+            if self.second_term is not None:
+                loss = loss + self.second_weight * self.second_term(flat_logits, flat_target, weights)
+        return loss
+
+    def pair_weights(self, annotated: Tensor | None, batch: int, labels: int, device: torch.device) -> Tensor:
+        """Weight of each (sample, label) pair, [B, C] float32: the label's weight if annotated, else 0."""
+        if self.label_weights is None:
+            weights = torch.ones(batch, labels, device=device)
+        elif self.label_weights.numel() != labels:
+            raise ValueError(f"label_weights has {self.label_weights.numel()} entries for {labels} labels")
+        else:
+            weights = self.label_weights.to(device).expand(batch, labels)
+        if annotated is None:
+            return weights
+        if annotated.shape != (batch, labels):
+            raise ValueError(f"annotated must be [B, C] = {[batch, labels]}, got {list(annotated.shape)}")
+        return torch.where(annotated.to(device).bool(), weights, 0.0)
+
+
+def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
+    """Add the builder of the term that loss `name` adds to Dice (names are unique)."""
+
+    def add(builder: LossBuilder) -> LossBuilder:
+        if name in LOSSES:
+            raise ValueError(f"a loss named {name!r} is already registered")
+        LOSSES[name] = builder
+        return builder
+
+    return add
+
+
+@register_loss("dice")
+def _dice(cfg: LossConfig) -> SecondTerm | None:
+    return None
+
+
+@register_loss("dice_focal")
+def _dice_focal(cfg: LossConfig) -> SecondTerm | None:
+    return functools.partial(focal_term, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+
+
+@register_loss("dice_bce")
+def _dice_bce(cfg: LossConfig) -> SecondTerm | None:
+    return bce_term
+
+
+@register_loss("dice_topk")
+def _dice_topk(cfg: LossConfig) -> SecondTerm | None:
+    return functools.partial(topk_term, percent=cfg.topk_percent)
+
+
+def build_loss(config: LossConfig) -> SegmentationLoss:
+    """The loss that `config` (train.loss) describes; an unknown name is a ConfigError (a ValueError)."""
+    if config.name not in LOSSES:
+        close = difflib.get_close_matches(config.name, LOSSES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown loss 'train.loss.name: {config.name}'{hint} (known: {', '.join(sorted(LOSSES))})")
+    return SegmentationLoss(config.smooth, LOSSES[config.name](config), config.second_weight, config.label_weights)
+
+
+def hard_dice(prediction: Tensor, target: Tensor) -> Tensor:
+    """Dice 2|P & G| / (|P| + |G|) per (sample, label): bool [B, C, *spatial] -> float32 [B, C].
+
+    FLARE convention: both masks empty = 1.0, exactly one empty = 0.0.
+    """
+    prediction, target = prediction.bool().flatten(2), target.bool().flatten(2)
+    intersection = (prediction & target).sum(-1).float()
+    sizes = (prediction.sum(-1) + target.sum(-1)).float()
+    return torch.where(sizes > 0, 2 * intersection / sizes.clamp_min(1), 1.0)
+
+
+def dice_per_channel(logits: Tensor, target: Tensor, threshold: float = 0.5) -> Tensor:
+    """`hard_dice` of sigmoid(logits) > threshold against target: [B, C, *spatial] -> float32 [B, C]."""
+    return hard_dice(torch.sigmoid(logits.float()) > threshold, target)
