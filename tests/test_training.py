@@ -154,3 +154,52 @@ def test_two_process_gloo_ddp(prepared, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [0, 1] and all(r["processes"] == 2 for r in history)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+
+
+@pytest.mark.slow
+def test_coarse_and_fine_learn_the_phantom_organs(tmp_path):
+    """8 training phantoms, 2 held out; each stage gets a 75 s budget (3 minutes in all with preparation).
+
+    The task is the large organs (liver, kidneys merged, spleen) at learning-test sizes (coarse 32^3, fine 48^3)
+    on 2 CPU cores; smaller organs need more resolution and training time than a test can spend.
+    """
+    write_phantom_dataset(tmp_path / "raw", 10, seed=0, shape=(48, 96, 96))
+    labels, mapping = "data.labels=[liver, kidney, spleen]", "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3}"
+    prepare = load_config(
+        None,
+        [
+            labels,
+            mapping,
+            "prepare.coarse.size=[32,32,32]",
+            "prepare.fine.size=[48,48,48]",
+            f"prepare.images={tmp_path / 'raw' / 'imagesTr'}",
+            "prepare.folds=5",
+            f"prepare.labels={tmp_path / 'raw' / 'labelsTr'}",
+            f"prepare.out={tmp_path / 'data'}",
+        ],
+    )
+    assert prepare_dataset(prepare, progress=False).ok
+    common = [
+        labels,
+        f"train.data={tmp_path / 'data'}",
+        "train.fold=0",
+        "train.epochs=200",
+        "train.lr=1e-2",
+        "train.schedule=constant",
+        "train.workers=0",
+        "train.progress=false",
+        "model.dropout=0",
+        "train.time_budget_minutes=1.25",
+        "train.val_every=5",
+    ]
+    stages = {
+        "coarse": ["model.name=base_unet", "model.channels=[8,16,32,64]", "model.input_size=[32,32,32]"],
+        "fine": ["model.name=efficient_segnet", "model.channels=[8,16,32,64,64]", "model.input_size=[48,48,48]"],
+    }
+    best = {}
+    for stage, model in stages.items():
+        config = load_config(None, [*common, *model, f"train.stage={stage}", f"train.out={tmp_path / stage}"])
+        history = Trainer(config, CPU).fit()
+        assert history[-1]["epoch"] < 199  # the time budget, not the epoch count, ended training
+        best[stage] = max(r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None)
+    assert best["coarse"] >= 0.8 and best["fine"] >= 0.8, best

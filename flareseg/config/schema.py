@@ -242,6 +242,7 @@ class TrainConfig:
     lesion_label: int | None = None  # label id whose cases are oversampled (e.g. 14)
     lesion_oversample: int = 1  # each case with that label appears this many times per epoch
     fine_margin_jitter_mm: float = 20.0  # fine crops use margin prepare.fine.margin_mm +- this, per side
+    time_budget_minutes: float | None = None  # stop after the epoch that reaches this much training time
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     progress: bool = True  # progress bar on rank 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)

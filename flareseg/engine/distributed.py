@@ -63,3 +63,12 @@ def mean_over_processes(value: float, context: DistributedContext) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / context.world_size
+
+
+def any_process(flag: bool, context: DistributedContext) -> bool:
+    """True in every process when it is true in any (so that all processes take the same branch)."""
+    if not context.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)

@@ -26,13 +26,14 @@ class RunLog:
                 ) from error
             self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
 
-    def add(self, record: dict) -> None:
-        """Record one epoch: rewrite the JSONL (so a resumed run never shows epochs twice) and the curve."""
+    def add(self, record: dict, plot: bool = True) -> None:
+        """Record one epoch: rewrite the JSONL (so a resumed run never shows epochs twice) and maybe the curve."""
         self.history = [r for r in self.history if r["epoch"] < record["epoch"]] + [record]
         tmp = self.out_dir / f".{METRICS_FILE}.tmp-{os.getpid()}"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         os.replace(tmp, self.out_dir / METRICS_FILE)
-        self._plot()
+        if plot:
+            self._plot()
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":

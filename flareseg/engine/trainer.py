@@ -23,7 +23,7 @@ from flareseg.config import Config, ConfigError, save_config, to_plain
 from flareseg.data.index import CaseIndex
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
 from flareseg.engine.checkpoint import BEST, LATEST, load_checkpoint, load_pretrained, save_checkpoint, unwrap
-from flareseg.engine.distributed import DistributedContext, barrier, mean_over_processes
+from flareseg.engine.distributed import DistributedContext, any_process, barrier, mean_over_processes
 from flareseg.engine.optim import build_optimizer, set_learning_rate
 from flareseg.engine.runlog import RunLog
 from flareseg.losses import build_loss, hard_dice
@@ -78,6 +78,7 @@ class Trainer:
 
         self.epoch = 0  # the next epoch to run
         self.best_dice = -1.0
+        self.elapsed_seconds = 0.0  # training time so far, over interruptions (for train.time_budget_minutes)
         history = []
         if self.settings.resume and (self.out_dir / LATEST).is_file():
             history = self._resume(self.out_dir / LATEST)
@@ -95,6 +96,8 @@ class Trainer:
             start = time.perf_counter()
             train_loss, samples = self.train_epoch()
             seconds = time.perf_counter() - start
+            self.elapsed_seconds += seconds
+            last = self.epoch + 1 == self.settings.epochs or self._out_of_time()
             record = {
                 "epoch": self.epoch,
                 "lr": lr,
@@ -103,15 +106,15 @@ class Trainer:
                 "processes": self.context.world_size,
                 "samples_per_second": samples * self.context.world_size / seconds,
             }
-            if self.val_set is not None and (
-                (self.epoch + 1) % self.settings.val_every == 0 or self.epoch + 1 == self.settings.epochs
-            ):
+            if self.val_set is not None and (last or (self.epoch + 1) % self.settings.val_every == 0):
                 record.update(self.validate())
             self.epoch += 1
             if self.context.is_main:
-                self._save(record)
+                self._save(record, last)
             barrier(self.context)
             self._run_hooks("after_epoch")
+            if last:
+                break
         self._run_hooks("after_train")
         if self.runlog is not None:
             self.runlog.close()
@@ -202,12 +205,19 @@ class Trainer:
         self.hooks[when].append(hook)
 
     # ---------------------------------------------------------------------------------------------------------
-    def _save(self, record: dict) -> None:
+    def _out_of_time(self) -> bool:
+        """Whether train.time_budget_minutes is used up (the same answer in every process)."""
+        budget = self.settings.time_budget_minutes
+        if budget is None:
+            return False
+        return any_process(self.elapsed_seconds >= 60.0 * budget, self.context)
+
+    def _save(self, record: dict, last: bool) -> None:
         improved = record.get("val_dice_mean") is not None and record["val_dice_mean"] > self.best_dice
         if improved:
             self.best_dice = record["val_dice_mean"]
         record["best_val_dice_mean"] = self.best_dice if self.best_dice >= 0 else None
-        self.runlog.add(record)
+        self.runlog.add(record, plot=last or record.get("val_dice_mean") is not None)
         state = self._state()
         save_checkpoint(self.out_dir / LATEST, state)
         if improved:
@@ -225,6 +235,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "best_val_dice_mean": self.best_dice,
+            "elapsed_seconds": self.elapsed_seconds,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.runlog.history,
@@ -237,6 +248,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best_dice = state["epoch"], state["best_val_dice_mean"]
+        self.elapsed_seconds = state["elapsed_seconds"]
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
