@@ -19,6 +19,7 @@ setup(
         "lmdb>=1.4",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # training curves (and, later, overlay images)
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
