@@ -203,3 +203,15 @@ def test_coarse_and_fine_learn_the_phantom_organs(tmp_path):
         assert history[-1]["epoch"] < 199  # the time budget, not the epoch count, ended training
         best[stage] = max(r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None)
     assert best["coarse"] >= 0.8 and best["fine"] >= 0.8, best
+
+
+def test_tensorboard_events_or_a_clear_error(prepared, tmp_path):
+    config = _config(prepared, tmp_path, "train.epochs=1", "train.tensorboard=true")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+            Trainer(config, CPU)
+        return
+    Trainer(config, CPU).fit()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -9,10 +9,12 @@ fit():
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -55,6 +57,7 @@ class Trainer:
             if context.distributed
             else self.model
         )
+        torch.manual_seed(self.settings.seed + context.rank)  # dropout and loader seeds differ between ranks
         self.optimizer = build_optimizer(self.settings, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.loss = build_loss(self.settings.loss).to(self.device)
@@ -133,6 +136,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             drop_last=False,
             persistent_workers=False,
+            worker_init_fn=_seed_worker,
         )
         total, steps, samples = 0.0, 0, 0
         bar = tqdm(
@@ -262,6 +266,13 @@ class Trainer:
     def _info(self, message: str) -> None:
         if self.context.is_main:
             log.info(message)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from the seed torch gave it (distinct per worker and rank)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _split(index: CaseIndex, fold: int) -> tuple[list[str], list[str]]:
