@@ -1,17 +1,12 @@
-"""Data preparation stage: `python data_prepare/run.py [flareseg prepare options]`.
+"""Data preparation stage: `python data_prepare/run.py [--config FILE] [--set KEY=VALUE ...]`.
 
-Without --config it uses configs/data_prepare.yaml of this repository.
+Without --config it uses configs/data_prepare.yaml.
 """
 
 import sys
 from pathlib import Path
 
-from flareseg.cli import main
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "data_prepare.yaml"
+from flareseg.cli import run_stage
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", str(DEFAULT_CONFIG), *args]
-    sys.exit(main(["prepare", *args]))
+    sys.exit(run_stage("prepare", Path(__file__).resolve().parent.parent / "configs" / "data_prepare.yaml"))

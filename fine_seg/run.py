@@ -1,17 +1,12 @@
-"""Fine stage training: `python fine_seg/run.py [--config FILE] [--set KEY=VALUE ...]` (or under torchrun).
+"""Fine stage training: `python fine_seg/run.py [--config FILE] [--set KEY=VALUE ...]`.
 
-Without --config it uses configs/fine.yaml of this repository.
+Without --config it uses configs/fine.yaml.
 """
 
 import sys
 from pathlib import Path
 
-from flareseg.cli import main
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fine.yaml"
+from flareseg.cli import run_stage
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", str(DEFAULT_CONFIG), *args]
-    sys.exit(main(["train", *args]))
+    sys.exit(run_stage("train", Path(__file__).resolve().parent.parent / "configs" / "fine.yaml"))

@@ -30,6 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run_stage(command: str, default_config: Path, argv: Sequence[str] | None = None) -> int:
+    """A stage folder's run.py: `flareseg COMMAND` with the stage's default config unless --config is given."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in args):
+        args = ["--config", str(default_config), *args]
+    return main([command, *args])
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flareseg", description="Fast coarse-to-fine abdominal CT segmentation.")
     parser.add_argument("--version", action="version", version=f"flareseg {__version__}")

@@ -11,7 +11,6 @@ validation metric (FLARE convention: both masks empty = 1).
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable, Sequence
 
@@ -19,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flareseg.config import ConfigError
 from flareseg.config.schema import LossConfig
+from flareseg.registry import Registry
 
 SecondTerm = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target [B, C, N], pair weights [B, C]) -> scalar
 LossBuilder = Callable[[LossConfig], SecondTerm | None]  # the term a loss name adds to Dice (None = Dice only)
-LOSSES: dict[str, LossBuilder] = {}
+LOSSES: Registry[LossBuilder] = Registry("loss", "train.loss.name")
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -141,14 +140,7 @@ class SegmentationLoss(nn.Module):
 
 def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
     """Add the builder of the term that loss `name` adds to Dice (names are unique)."""
-
-    def add(builder: LossBuilder) -> LossBuilder:
-        if name in LOSSES:
-            raise ValueError(f"a loss named {name!r} is already registered")
-        LOSSES[name] = builder
-        return builder
-
-    return add
+    return LOSSES.register(name)
 
 
 @register_loss("dice")
@@ -173,11 +165,8 @@ def _dice_topk(cfg: LossConfig) -> SecondTerm | None:
 
 def build_loss(config: LossConfig) -> SegmentationLoss:
     """The loss that `config` (train.loss) describes; an unknown name is a ConfigError (a ValueError)."""
-    if config.name not in LOSSES:
-        close = difflib.get_close_matches(config.name, LOSSES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown loss 'train.loss.name: {config.name}'{hint} (known: {', '.join(sorted(LOSSES))})")
-    return SegmentationLoss(config.smooth, LOSSES[config.name](config), config.second_weight, config.label_weights)
+    second_term = LOSSES.lookup(config.name)(config)
+    return SegmentationLoss(config.smooth, second_term, config.second_weight, config.label_weights)
 
 
 def hard_dice(prediction: Tensor, target: Tensor) -> Tensor:

@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from flareseg.config import Config, ConfigError
+from flareseg.config import Config
 from flareseg.config.schema import ModelConfig
 from flareseg.models.base_unet import BaseUNet
 from flareseg.models.blocks import UnitStyle
 from flareseg.models.efficient_segnet import EfficientSegNet
 from flareseg.models.small_unet import SmallUNet
+from flareseg.registry import Registry
 
 Builder = Callable[[ModelConfig, int, UnitStyle], nn.Module]
-MODELS: dict[str, Builder] = {}
+MODELS: Registry[Builder] = Registry("model", "model.name")
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
     """Add a network builder under `name` (names are unique)."""
-
-    def add(builder: Builder) -> Builder:
-        if name in MODELS:
-            raise ValueError(f"a model named {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
-
-    return add
+    return MODELS.register(name)
 
 
 @register_model("base_unet")
@@ -51,12 +44,9 @@ def _small_unet(cfg: ModelConfig, num_classes: int, style: UnitStyle) -> nn.Modu
 def build_model(config: Config) -> nn.Module:
     """The network of `config.model`, initialised (Kaiming normal convs), in the configured memory format."""
     cfg = config.model
-    if cfg.name not in MODELS:
-        close = difflib.get_close_matches(cfg.name, MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown model 'model.name: {cfg.name}'{hint} (known: {', '.join(sorted(MODELS))})")
+    builder = MODELS.lookup(cfg.name)
     style = UnitStyle(norm=cfg.norm, norm_affine=cfg.norm_affine, dropout=cfg.dropout, activation=cfg.activation)
-    model = MODELS[cfg.name](cfg, config.num_classes, style)
+    model = builder(cfg, config.num_classes, style)
     init_weights(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
