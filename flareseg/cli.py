@@ -79,6 +79,15 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     train.set_defaults(run=_run_train)
 
+    predict = commands.add_parser("predict", parents=[common], help="segment every image of a folder")
+    predict.add_argument("-i", "--input", type=Path, required=True, help="folder of <case>_0000 images or DICOM series")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="folder for <case> label maps")
+    predict.add_argument("--coarse", help="coarse checkpoint (predict.coarse)")
+    predict.add_argument("--fine", help="fine checkpoint (predict.fine)")
+    predict.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
+    predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(run=_run_predict)
+
     summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
     summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -151,6 +160,20 @@ def _run_train(args: argparse.Namespace) -> int:
 
     train(load_config(args.config, args.overrides), device=args.device)
     return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from flareseg.inference.batch import TIMING_FILE, predict_folder
+
+    config = _config_from(
+        args, {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
+    )
+    summary = predict_folder(config, args.input, args.output, progress=not args.quiet)
+    print(
+        f"predicted {len(summary.predicted)}, failed {len(summary.failed)} -> {args.output} "
+        f"(time and memory per case in {TIMING_FILE})"
+    )
+    return 0 if summary.ok else 1
 
 
 def _run_summary(args: argparse.Namespace) -> int:

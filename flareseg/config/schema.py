@@ -265,6 +265,30 @@ class TrainConfig:
 
 
 @dataclass
+class PredictConfig:
+    """Inference: coarse model -> organ box -> fine model -> post-processing, on the GPU or the CPU."""
+
+    coarse: Path | None = None  # coarse checkpoint (its config comes from the checkpoint)
+    fine: Path | None = None  # fine checkpoint
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    threads: int | None = None  # CPU threads for torch (null = all cores)
+    margin_mm: float = 20.0  # grown on every side of the coarse organ box before the fine model
+    coarse_min_volume_mm3: float = 1000.0  # coarse components smaller than this are dropped (the largest stays)
+    fine_min_volume_mm3: float = 2000.0  # fine components smaller than this are dropped (the largest stays)
+    keep_components: int = 1  # connected components kept per label (largest first)
+
+    def validate(self, prefix: str = "predict.") -> None:
+        if self.keep_components < 1:
+            raise ConfigError(f"'{prefix}keep_components' must be >= 1, got {self.keep_components}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"'{prefix}threads' must be >= 1 (or null), got {self.threads}")
+        for key in ("margin_mm", "coarse_min_volume_mm3", "fine_min_volume_mm3"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"'{prefix}{key}' must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
 class Config:
     """The whole flareseg configuration."""
 
@@ -272,12 +296,14 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
     def validate(self) -> Config:
         self.data.validate()
         self.prepare.validate()
         self.model.validate()
         self.train.validate()
+        self.predict.validate()
         for source, target in (self.prepare.label_map or {}).items():
             if target > len(self.data.labels):
                 raise ConfigError(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from flareseg.config import Config
+from flareseg.memory import peak_cuda_mb, peak_rss_mb, reset_peak_memory
 from flareseg.models.complexity import count_multiply_adds, count_parameters
 from flareseg.models.registry import build_model
 from flareseg.models.runtime import Precision, as_input, autocast, prepare_for_inference
@@ -54,7 +54,7 @@ def summarize(config: Config, device: torch.device, precision: Precision = "fp32
     times = []
     with torch.inference_mode(), autocast(device, precision):
         model(x)  # warm-up: allocator, oneDNN / cuDNN kernel choice
-        baseline = _reset_peak_memory(device)
+        baseline = reset_peak_memory(device)
         for _ in range(repeats):
             _synchronize(device)
             start = time.perf_counter()
@@ -82,34 +82,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak_memory(device: torch.device) -> float:
-    """Start a new peak-memory window; returns the memory in use now (MB), the baseline of the window."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:  # Linux: "5" resets the process's peak resident set size (VmHWM) to the current one
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _proc_status_mb("VmRSS:") or 0.0
-
-
 def _peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA memory allocated by torch"
-    peak = _proc_status_mb("VmHWM:")
-    if peak is not None:
-        return peak, "peak resident memory of the process"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak resident memory since start"
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        return peak_cuda_mb(device), "peak CUDA memory allocated by torch"
+    return peak_rss_mb(), "peak resident memory of the process"

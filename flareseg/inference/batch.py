@@ -1,0 +1,84 @@
+"""Predict every image of a folder: a progress bar, one line per bad input, a CSV of time and memory per case."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flareseg.config import Config, save_config
+from flareseg.data.cases import find_images
+from flareseg.inference.predictor import Predictor
+from flareseg.io import image_suffix
+from flareseg.memory import peak_cuda_mb, peak_rss_mb, reset_peak_memory
+
+TIMING_FILE = "timing.csv"
+STEPS = ("read", "coarse", "box", "fine", "postprocess", "write")
+
+
+@dataclass
+class PredictSummary:
+    out_dir: Path
+    predicted: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (case id, "file: reason")
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def output_name(case_id: str, image: Path) -> str:
+    """`<case>_0000.nii.gz` -> `<case>.nii.gz` (same format as the input; DICOM series -> .nii.gz)."""
+    return case_id + (image_suffix(image) or ".nii.gz") if image.is_file() else f"{case_id}.nii.gz"
+
+
+def predict_folder(config: Config, input_dir: Path, out_dir: Path, progress: bool = True) -> PredictSummary:
+    """Segment every `<case>_0000` image (or DICOM series folder) in `input_dir` into `out_dir`."""
+    if not Path(input_dir).is_dir():
+        raise FileNotFoundError(f"input folder {input_dir} does not exist")
+    cases = find_images(Path(input_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir)
+    predictor = Predictor(config.predict)
+    summary = PredictSummary(out_dir)
+    for case_id, image in tqdm(cases.items(), desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
+        reset_peak_memory(torch.device("cpu"))
+        if predictor.device.type == "cuda":
+            reset_peak_memory(predictor.device)
+        start = time.perf_counter()
+        row = {"case": case_id, "status": "ok", "message": ""}
+        try:
+            timings = predictor.predict_file(image, out_dir / output_name(case_id, image))
+            row.update({step: round(timings.steps.get(step, 0.0), 4) for step in STEPS})
+            summary.predicted.append(case_id)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # noqa: BLE001 - one bad case is reported, the others are still predicted
+            message = str(error) if str(error).startswith(str(image)) else f"{image}: {type(error).__name__}: {error}"
+            summary.failed.append((case_id, message))
+            row.update(status="failed", message=message)
+            tqdm.write(f"failed: {message}", file=sys.stderr)
+        row["seconds"] = round(time.perf_counter() - start, 4)
+        row["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        row["peak_gpu_mb"] = round(peak_cuda_mb(predictor.device), 1) if predictor.device.type == "cuda" else ""
+        summary.rows.append(row)
+    _write_rows(out_dir / TIMING_FILE, summary.rows)
+    return summary
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    columns = ["case", "status", "seconds", *STEPS, "peak_rss_mb", "peak_gpu_mb", "message"]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
