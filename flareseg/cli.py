@@ -85,8 +85,18 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--coarse", help="coarse checkpoint (predict.coarse)")
     predict.add_argument("--fine", help="fine checkpoint (predict.fine)")
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
+    predict.add_argument(
+        "--png", action="store_true", default=None, help="also write <case>.png overlays (predict.png)"
+    )
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=_run_predict)
+
+    overlay = commands.add_parser("overlay", help="PNG of axial and coronal slices with label contours")
+    overlay.add_argument("--image", type=Path, required=True, help="CT image file or DICOM folder")
+    overlay.add_argument("--label", type=Path, required=True, help="label map on the image's grid (e.g. a prediction)")
+    overlay.add_argument("--gt", type=Path, help="ground-truth label map, drawn dashed")
+    overlay.add_argument("-o", "--out", type=Path, required=True, help="output .png")
+    overlay.set_defaults(run=_run_overlay)
 
     summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
     summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
@@ -165,15 +175,33 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     from flareseg.inference.batch import TIMING_FILE, predict_folder
 
-    config = _config_from(
-        args, {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
-    )
+    flags = {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
+    config = _config_from(args, {**flags, "predict.png": args.png})
     summary = predict_folder(config, args.input, args.output, progress=not args.quiet)
     print(
         f"predicted {len(summary.predicted)}, failed {len(summary.failed)} -> {args.output} "
         f"(time and memory per case in {TIMING_FILE})"
     )
     return 0 if summary.ok else 1
+
+
+def _run_overlay(args: argparse.Namespace) -> int:
+    from flareseg.io import read_image
+    from flareseg.visualize import overlay_png
+
+    image, geometry = read_image(args.image)
+    label, label_geometry = read_image(args.label)
+    truth = None
+    if args.gt is not None:
+        truth, truth_geometry = read_image(args.gt)
+        if not truth_geometry.same_grid(geometry, atol=1e-3):
+            print(f"flareseg overlay: {args.gt} is not on the grid of {args.image}", file=sys.stderr)
+            return 2
+    if not label_geometry.same_grid(geometry, atol=1e-3):
+        print(f"flareseg overlay: {args.label} is not on the grid of {args.image}", file=sys.stderr)
+        return 2
+    print(f"wrote {overlay_png(image, geometry, label, args.out, truth)}")
+    return 0
 
 
 def _run_summary(args: argparse.Namespace) -> int:

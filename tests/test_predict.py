@@ -244,3 +244,34 @@ def test_keep_components_keeps_the_largest_and_big_enough_others():
 def test_box_to_source_covers_the_resampled_box():
     box = box_to_source(Box((1, 2, 3), (5, 6, 7)), size=(10, 10, 10), shape=(19, 37, 10))
     assert box == Box((2, 8, 3), (9, 21, 7))
+
+
+def test_png_overlays(checkpoints, tmp_path):
+    phantom = make_phantom(6, shape=(24, 40, 40), orientation="random")
+    write_image(tmp_path / "in" / "case_0000.nii.gz", phantom.image, phantom.geometry)
+    assert _predict(checkpoints, tmp_path / "in", tmp_path / "out", "--png") == 0
+    picture = tmp_path / "out" / "case.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_image(tmp_path / "gt.nii.gz", phantom.label, phantom.geometry)
+    args = [
+        "overlay",
+        "--image",
+        str(tmp_path / "in" / "case_0000.nii.gz"),
+        "--label",
+        str(tmp_path / "out" / "case.nii.gz"),
+        "--gt",
+        str(tmp_path / "gt.nii.gz"),
+        "-o",
+        str(tmp_path / "overlay.png"),
+    ]
+    assert main(args) == 0
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(tmp_path / "overlay.png")
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400
+    # Contours are drawn in colour on a grey image: some pixels are far from grey.
+    rgb = pixels[..., :3]
+    assert (rgb.max(-1) - rgb.min(-1) > 0.3).sum() > 50
+    wrong = make_phantom(6, shape=(20, 40, 40))
+    write_image(tmp_path / "other.nii.gz", wrong.label, wrong.geometry)
+    assert main([*args[:3], "--label", str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "x.png")]) == 2

@@ -277,6 +277,7 @@ class PredictConfig:
     coarse_min_volume_mm3: float = 1000.0  # coarse components smaller than this are dropped (the largest stays)
     fine_min_volume_mm3: float = 2000.0  # fine components smaller than this are dropped (the largest stays)
     keep_components: int = 1  # connected components kept per label (largest first)
+    png: bool = False  # also write <case>.png: axial and coronal slices with the predicted contours
 
     def validate(self, prefix: str = "predict.") -> None:
         if self.keep_components < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,12 @@ class CaseTimings:
         now = time.perf_counter()
         self.steps[step] = now - self._last
         self._last = now
+
+
+def _case_stem(path: str | os.PathLike) -> str:
+    from flareseg.io import strip_image_suffix
+
+    return strip_image_suffix(path)
 
 
 class Predictor:
@@ -69,6 +76,12 @@ class Predictor:
         timings.lap("read", self.device)
         label = self.predict_array(image, geometry, timings)
         write_image(out_path, label, geometry)
+        if self.settings.png:
+            from flareseg.visualize import overlay_png
+
+            overlay_png(
+                image, geometry, label, Path(out_path).with_name(_case_stem(out_path) + ".png"), names=self.labels
+            )
         timings.lap("write", self.device)
         return timings
 
