@@ -49,6 +49,7 @@ def _flatten(data, prefix=""):
         ("data_prepare.yaml", ("data", "prepare")),
         ("coarse.yaml", ("data", "model", "train")),
         ("fine.yaml", ("data", "model", "train")),
+        ("predict.yaml", ("predict",)),
     ],
 )
 def test_shipped_yaml_names_every_key_of_its_sections(name, sections):
