@@ -98,6 +98,19 @@ def _build_parser() -> argparse.ArgumentParser:
     overlay.add_argument("-o", "--out", type=Path, required=True, help="output .png")
     overlay.set_defaults(run=_run_overlay)
 
+    evaluate = commands.add_parser("evaluate", help="Dice and NSD of predicted label maps (FLARE protocol)")
+    evaluate.add_argument("--gt", type=Path, required=True, metavar="DIR", help="ground-truth <case>.nii.gz files")
+    evaluate.add_argument("--pred", type=Path, required=True, metavar="DIR", help="predicted <case>.nii.gz files")
+    evaluate.add_argument("--out", type=Path, required=True, metavar="FILE.csv", help="per-case CSV (+ summary .json)")
+    evaluate.add_argument(
+        "--preset",
+        default="flare22",
+        choices=("flare22", "flare23", "flare21", "lesion"),
+        help="flare22: 13 organs; flare23: and lesions apart; flare21: 4 organs at 1 mm; lesion: label 14 only",
+    )
+    evaluate.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    evaluate.set_defaults(run=_run_evaluate)
+
     summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
     summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -202,6 +215,23 @@ def _run_overlay(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {overlay_png(image, geometry, label, args.out, truth)}")
     return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from flareseg.evaluation import evaluate_folder, format_summary
+
+    try:
+        _, summary = evaluate_folder(args.gt, args.pred, preset=args.preset, workers=args.workers, out=args.out)
+    except ValueError as error:
+        print(f"flareseg evaluate: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"{summary['cases']} cases -> {args.out} and {args.out.with_suffix('.json')}")
+    if summary["missing_predictions"]:
+        print(f"missing predictions (scored as empty): {', '.join(summary['missing_predictions'])}", file=sys.stderr)
+    for case, error in summary["failures"].items():
+        print(f"failed: {case}: {error}", file=sys.stderr)
+    return 1 if summary["failures"] else 0
 
 
 def _run_summary(args: argparse.Namespace) -> int:

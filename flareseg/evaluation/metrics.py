@@ -29,7 +29,9 @@ def nsd(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm
     return dice_and_nsd(gt, pred, spacing, tolerance_mm)[1]
 
 
-def dice_and_nsd(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> tuple[float, float]:
+def dice_and_nsd(
+    gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float
+) -> tuple[float, float]:
     """(Dice, NSD) of two bool masks with the FLARE rules, computing the Dice once."""
     gt, pred = _as_masks(gt, pred)
     has_gt, has_pred = bool(gt.any()), bool(pred.any())

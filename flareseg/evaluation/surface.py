@@ -67,8 +67,8 @@ def _triangle_area_vectors(code: int) -> list[np.ndarray]:
     The surface crosses each cube edge whose two corners differ, at its midpoint. On a face with two diagonal inside
     corners (an ambiguous face) the corners of the minority class are cut off separately; the surface of a
     configuration and of its complement are then the same. Each closed polygon is split into the triangles that give
-    it the largest area; this is how the classic marching-cubes case table that the reference package is built
-    from triangulates its non-planar polygons (the tests check all 256 codes against it at random spacings).
+    it the largest area (only non-planar pentagons and hexagons have a choice). These two rules reproduce the
+    marching-cubes case table of the reference package; the tests check all 256 codes at random spacings.
     """
     inside = [(code >> corner) & 1 for corner in range(8)]
     if sum(inside) > 4:
@@ -110,7 +110,7 @@ def _largest_triangulation(points: list[np.ndarray]) -> list[np.ndarray]:
     for triangles in _triangulations(0, len(points) - 1):
         vectors = [0.5 * np.cross(points[j] - points[i], points[k] - points[i]) for i, j, k in triangles]
         area = float(sum(np.linalg.norm(v) for v in vectors))
-        if area > best_area + 1e-9:  # ties are mirror images with equal areas at any spacing
+        if area > best_area + 1e-9:  # tied triangulations have equal areas at any spacing
             best, best_area = vectors, area
     return best
 

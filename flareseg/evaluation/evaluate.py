@@ -1,0 +1,186 @@
+"""Evaluate a folder of predicted label maps against a folder of ground-truth label maps."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flareseg.evaluation.protocol import Preset, Score, get_preset, score_case, summarize
+from flareseg.io import ImageReadError, image_suffix, read_image, strip_image_suffix
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("case", "label", "organ", "dsc", "nsd")
+POOL_START_METHOD = "forkserver"  # workers start clean, with no threads or handles inherited from the caller
+SPACING_RTOL = 1e-4  # headers store spacing as float32; closer than this is the same grid
+
+
+@dataclass
+class CaseOutcome:
+    """The scores of one case, or the reason it could not be evaluated."""
+
+    case: str
+    scores: list[Score] = field(default_factory=list)
+    error: str | None = None
+    missing_prediction: bool = False
+
+
+def find_label_maps(folder: str | os.PathLike) -> dict[str, Path]:
+    """{case id: file} for the `<case>.nii.gz` (.nii, .nrrd, .mha) files of a folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and image_suffix(path):
+            case = strip_image_suffix(path)
+            if case in found:
+                raise ValueError(f"two files for case '{case}': {found[case]} and {path}")
+            found[case] = path
+    return found
+
+
+def evaluate_folder(
+    gt_dir: str | os.PathLike,
+    pred_dir: str | os.PathLike,
+    preset: str | Preset = "flare22",
+    workers: int = 2,
+    out: str | os.PathLike | None = None,
+) -> tuple[list[Score], dict]:
+    """Dice and NSD of every case of `gt_dir` against the file of the same case id in `pred_dir`.
+
+    A missing prediction counts as an empty one. A prediction that cannot be read or whose grid (shape, spacing)
+    differs from its ground truth fails that case alone; failed cases are left out of the means and listed under
+    "failures". Cases run in `workers` processes. With `out` (a .csv path), the long table case,label,organ,dsc,nsd
+    is written there and the summary beside it (same stem, .json). Returns (scores, summary).
+    """
+    preset = get_preset(preset)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    gt_files = find_label_maps(gt_dir)
+    if not gt_files:
+        raise FileNotFoundError(f"{gt_dir}: no label maps (<case>.nii.gz, .nii, .nrrd or .mha)")
+    pred_files = find_label_maps(pred_dir)
+    jobs = [(case, gt_path, pred_files.get(case), preset) for case, gt_path in gt_files.items()]
+    outcomes = {outcome.case: outcome for outcome in _run_all(jobs, workers)}
+
+    scores = [score for case in gt_files for score in outcomes[case].scores]
+    summary = summarize(scores, preset)
+    summary["missing_predictions"] = [case for case in gt_files if outcomes[case].missing_prediction]
+    summary["unmatched_predictions"] = sorted(set(pred_files) - set(gt_files))
+    summary["failures"] = {case: outcomes[case].error for case in gt_files if outcomes[case].error}
+    for case in summary["missing_predictions"]:
+        logger.warning("%s: no prediction in %s; scored as an empty prediction", case, pred_dir)
+    for case, error in summary["failures"].items():
+        logger.warning("%s: not evaluated: %s", case, error)
+    if out is not None:
+        out = Path(out)
+        _write_atomic(out, _csv_text(scores))
+        _write_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    return scores, summary
+
+
+def format_summary(summary: dict) -> str:
+    """A short table: one line per organ (mean DSC, mean NSD), the mean of the organ means, the lesions apart."""
+
+    def line(name: str, entry: dict) -> str:
+        values = [f"{entry[key]:.4f}" if entry[key] is not None else "-" for key in ("dsc", "nsd")]
+        return f"{name:<22}{values[0]:>8}{values[1]:>8}"
+
+    lines = [f"{'organ':<22}{'DSC':>8}{'NSD':>8}"]
+    lines += [line(name, entry) for name, entry in summary["organs"].items()]
+    if summary["organs"]:
+        lines.append(line("mean", summary["mean"]))
+    if summary.get("lesion") is not None:
+        lines.append(line("lesion", summary["lesion"]))
+    return "\n".join(lines)
+
+
+def _run_all(jobs: list[tuple], workers: int) -> Iterator[CaseOutcome]:
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _evaluate_case(*job)
+        return
+    lost = yield from _run_pool(jobs, min(workers, len(jobs)))
+    # A worker killed from outside (out of memory) breaks the whole pool and it is unknown which case did it: each
+    # case in flight is retried alone, so that only the culprit fails.
+    for job in lost:
+        for dead in (yield from _run_pool([job], 1)):
+            yield CaseOutcome(dead[0], error=f"{dead[1]}: the worker process died while evaluating it (out of memory?)")
+
+
+def _run_pool(jobs: list[tuple], workers: int):
+    """Yield outcomes of `jobs` run in a process pool; returns the jobs lost if the pool broke."""
+    context = multiprocessing.get_context(POOL_START_METHOD)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        running: dict[Future, tuple] = {pool.submit(_evaluate_case, *job): job for job in jobs}
+        try:
+            for future in as_completed(running):
+                yield future.result()  # raises BrokenProcessPool when a worker died
+                running.pop(future)
+        except BrokenProcessPool:
+            return list(running.values())
+    return []
+
+
+def _evaluate_case(case: str, gt_path: Path, pred_path: Path | None, preset: Preset) -> CaseOutcome:
+    """Score one case; any error becomes a one-line reason so that one bad case never stops the others."""
+    try:
+        gt, gt_geometry = read_image(gt_path)
+        if pred_path is None:
+            pred = np.zeros_like(gt)
+        else:
+            pred, pred_geometry = read_image(pred_path)
+            if pred_geometry.shape != gt_geometry.shape or not np.allclose(
+                pred_geometry.spacing, gt_geometry.spacing, rtol=SPACING_RTOL, atol=0
+            ):
+                return CaseOutcome(
+                    case,
+                    error=f"{pred_path} (shape {pred_geometry.shape}, spacing {pred_geometry.spacing}) is not on the "
+                    f"grid of {gt_path} (shape {gt_geometry.shape}, spacing {gt_geometry.spacing}); (z, y, x) order",
+                )
+        scores = score_case(gt, pred, gt_geometry.spacing, preset, case=case)
+        return CaseOutcome(case, scores, missing_prediction=pred_path is None)
+    except ImageReadError as error:  # already names the file
+        return CaseOutcome(case, error=str(error))
+    except Exception as error:  # noqa: BLE001 - any failure of one case is reported, the others go on
+        return CaseOutcome(case, error=f"{pred_path or gt_path}: {type(error).__name__}: {error}")
+
+
+def _init_worker() -> None:
+    import SimpleITK as sitk
+
+    # One thread per worker process: the pool is the parallelism.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _csv_text(scores: list[Score]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows((s.case, s.label, s.organ, f"{s.dsc:.4f}", f"{s.nsd:.4f}") for s in scores)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
