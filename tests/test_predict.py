@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import subprocess
 from pathlib import Path
 
@@ -275,3 +276,33 @@ def test_png_overlays(checkpoints, tmp_path):
     wrong = make_phantom(6, shape=(20, 40, 40))
     write_image(tmp_path / "other.nii.gz", wrong.label, wrong.geometry)
     assert main([*args[:3], "--label", str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "x.png")]) == 2
+
+
+def test_end_to_end_predict_then_evaluate(checkpoints, tmp_path):
+    cases = write_phantom_dataset(tmp_path / "raw", 2, seed=8, shape=(28, 44, 44))
+    assert _predict(checkpoints, tmp_path / "raw" / "imagesTr", tmp_path / "pred") == 0
+    out = tmp_path / "scores.csv"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--gt",
+                str(tmp_path / "raw" / "labelsTr"),
+                "--pred",
+                str(tmp_path / "pred"),
+                "--out",
+                str(out),
+                "--preset",
+                "flare21",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader(open(out)))
+    assert sorted({row["case"] for row in rows}) == cases and len(rows) == 4 * len(cases)
+    assert all(0.0 <= float(row["dsc"]) <= 1.0 and 0.0 <= float(row["nsd"]) <= 1.0 for row in rows)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["cases"] == 2 and summary["failures"] == {} and 0.0 <= summary["mean"]["dsc"] <= 1.0
+    assert set(summary["organs"]) == {"liver", "kidney", "spleen", "pancreas"}
