@@ -91,6 +91,21 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=_run_predict)
 
+    pseudo = commands.add_parser(
+        "pseudo-label", parents=[common], help="fill the organs that partial labels lack with a teacher's labels"
+    )
+    pseudo.add_argument("-i", "--images", type=Path, required=True, metavar="DIR", help="<case>_0000 images")
+    pseudo.add_argument("-l", "--labels", type=Path, required=True, metavar="DIR", help="<case> partial label maps")
+    pseudo.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="fused label maps, annotated.json")
+    pseudo.add_argument(
+        "--annotated", type=Path, metavar="FILE.json", help="{case: [label ids]} (default: LABELS/annotated.json)"
+    )
+    pseudo.add_argument("--coarse", metavar="CKPT", help="teacher coarse checkpoint (predict.coarse)")
+    pseudo.add_argument("--fine", metavar="CKPT", help="teacher fine checkpoint (predict.fine)")
+    pseudo.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
+    pseudo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pseudo.set_defaults(run=_run_pseudo_label)
+
     overlay = commands.add_parser("overlay", help="PNG of axial and coronal slices with label contours")
     overlay.add_argument("--image", type=Path, required=True, help="CT image file or DICOM folder")
     overlay.add_argument("--label", type=Path, required=True, help="label map on the image's grid (e.g. a prediction)")
@@ -196,6 +211,24 @@ def _run_predict(args: argparse.Namespace) -> int:
         f"(time and memory per case in {TIMING_FILE})"
     )
     return 0 if summary.ok else 1
+
+
+def _run_pseudo_label(args: argparse.Namespace) -> int:
+    from flareseg.semi import ANNOTATED_FILE, REPORT_FILE, pseudo_label_folder, read_annotated_file
+
+    config = _config_from(
+        args, {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
+    )
+    annotated_file = args.annotated
+    if annotated_file is None and (args.labels / ANNOTATED_FILE).is_file():
+        annotated_file = args.labels / ANNOTATED_FILE
+    annotated = read_annotated_file(annotated_file) if annotated_file is not None else None
+    summary = pseudo_label_folder(args.images, args.labels, args.out, config.predict, annotated, not args.quiet)
+    print(
+        f"pseudo-labelled {len(summary.written)}, skipped {len(summary.skipped)}, failed {len(summary.failed)} "
+        f"-> {args.out} (per case in {REPORT_FILE}, annotated ids in {ANNOTATED_FILE})"
+    )
+    return summary.exit_code
 
 
 def _run_overlay(args: argparse.Namespace) -> int:
