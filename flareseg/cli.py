@@ -126,6 +126,18 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     evaluate.set_defaults(run=_run_evaluate)
 
+    uif = commands.add_parser("select-unlabeled", parents=[common], help="rank unlabeled cases by reliability (UIF)")
+    uif.add_argument("-i", "--images", type=Path, required=True, help="folder of unlabeled <case>_0000 images")
+    uif.add_argument("-o", "--out", type=Path, required=True, help="output JSON (selected cases and every score)")
+    uif.add_argument("--coarse", help="coarse checkpoint (predict.coarse)")
+    uif.add_argument("--fine", help="final fine checkpoint (predict.fine)")
+    uif.add_argument("--intermediate", nargs="+", required=True, help="intermediate fine checkpoints")
+    uif.add_argument("--threshold", type=float, default=0.9, help="keep cases scoring above this (default 0.9)")
+    uif.add_argument("--top", type=int, help="keep at most this many, most reliable first")
+    uif.add_argument("--expected", type=int, nargs="+", help="label ids every kept case must show (default: all)")
+    uif.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    uif.set_defaults(run=_run_select_unlabeled)
+
     summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
     summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -265,6 +277,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for case, error in summary["failures"].items():
         print(f"failed: {case}: {error}", file=sys.stderr)
     return 1 if summary["failures"] else 0
+
+
+def _run_select_unlabeled(args: argparse.Namespace) -> int:
+    from flareseg.semi.reliability import select_unlabeled
+
+    config = _config_from(args, {"predict.coarse": args.coarse, "predict.fine": args.fine})
+    result = select_unlabeled(
+        args.images,
+        config.predict,
+        args.intermediate,
+        args.out,
+        args.threshold,
+        args.top,
+        args.expected,
+        progress=not args.quiet,
+    )
+    print(f"selected {len(result.selected)} of {len(result.scores)} cases -> {args.out}")
+    return 0 if not result.failed else 1
 
 
 def _run_summary(args: argparse.Namespace) -> int:

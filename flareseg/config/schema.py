@@ -238,6 +238,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # epochs between validations
     resume: bool = True  # continue from out/checkpoint_latest.pt when it exists
+    keep_every: int | None = None  # also keep checkpoint_epoch_NNNN.pt every this many epochs (for UIF)
     pretrained: Path | None = None  # weights to start from (partial load with a shape check)
     lesion_label: int | None = None  # label id whose cases are oversampled (e.g. 14)
     lesion_oversample: int = 1  # each case with that label appears this many times per epoch
@@ -249,6 +250,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "train.") -> None:
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ConfigError(f"'{prefix}keep_every' must be >= 1 (or null), got {self.keep_every}")
         for key in ("epochs", "batch_size", "val_every", "lesion_oversample"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{prefix}{key}' must be >= 1, got {getattr(self, key)}")

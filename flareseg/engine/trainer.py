@@ -226,6 +226,8 @@ class Trainer:
         save_checkpoint(self.out_dir / LATEST, state)
         if improved:
             save_checkpoint(self.out_dir / BEST, state)
+        if self.settings.keep_every is not None and self.epoch % self.settings.keep_every == 0:
+            save_checkpoint(self.out_dir / f"checkpoint_epoch_{self.epoch:04d}.pt", state)
         dice = f", val Dice {record['val_dice_mean']:.4f}" if record.get("val_dice_mean") is not None else ""
         self._info(
             f"epoch {record['epoch'] + 1}/{self.settings.epochs}: loss {record['train_loss']:.4f}{dice}, "
