@@ -268,6 +268,23 @@ class TrainConfig:
 
 
 @dataclass
+class SemiSupervisedConfig:
+    """Cross pseudo supervision (FLARE22 SemiSeg-CSSN): two networks teach each other on unlabeled cases."""
+
+    enabled: bool = False  # train two networks with cross pseudo supervision instead of one
+    unlabeled_batch_size: int = 2  # unlabeled samples per step and process, beside train.batch_size labeled ones
+    weight: float = 1.0  # lambda: weight of the pseudo-label loss (reference 1.0)
+    rampup_epochs: int = 0  # lambda rises as exp(-5 (1 - t)^2) over these epochs (0 = constant, the reference)
+    unlabeled_cases: Path | None = None  # JSON list of unlabeled case ids to use (e.g. select-unlabeled's); null = all
+
+    def validate(self, prefix: str = "semi_supervised.") -> None:
+        if self.unlabeled_batch_size < 1 or self.weight < 0 or self.rampup_epochs < 0:
+            raise ConfigError(
+                f"'{prefix}unlabeled_batch_size' must be >= 1, '{prefix}weight' and '{prefix}rampup_epochs' >= 0"
+            )
+
+
+@dataclass
 class PredictConfig:
     """Inference: coarse model -> organ box -> fine model -> post-processing, on the GPU or the CPU."""
 
@@ -300,6 +317,7 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
     def validate(self) -> Config:
@@ -307,6 +325,7 @@ class Config:
         self.prepare.validate()
         self.model.validate()
         self.train.validate()
+        self.semi_supervised.validate()
         self.predict.validate()
         for source, target in (self.prepare.label_map or {}).items():
             if target > len(self.data.labels):

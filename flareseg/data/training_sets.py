@@ -122,6 +122,39 @@ class TrainingSamples(_PreparedSamples):
         return resize_image(crop_image, self.size), resize_label(crop_label, self.size, self.label_mode), spacing
 
 
+class UnlabeledSamples(_PreparedSamples):
+    """Random samples of unlabeled cases for semi-supervised training: the stored `stage` image (the whole volume;
+    resized to model.input_size if it differs), augmented like the labeled ones (with an empty label map), `length`
+    per epoch. Items carry an all-zero "label" and an all-False "annotated"."""
+
+    def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage, length: int):
+        super().__init__(index_path, case_ids, config)
+        if not self.case_ids:
+            raise ValueError("semi-supervised training needs unlabeled cases in the index (flareseg prepare -u DIR)")
+        self.stage, self.seed, self.epoch = stage, config.train.seed, 0
+        self.augment = Augmenter(config.train.augment)
+        self.plan = [self.case_ids[k % len(self.case_ids)] for k in range(length)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> dict:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k, 1))
+        record = self.index.get(self.plan[k])
+        image = torch.from_numpy(np.array(self._array(record, f"{self.stage}_image"), dtype=np.float32))
+        if tuple(image.shape) != self.size:
+            image = resize_image(image, self.size)
+        label = torch.zeros(image.shape, dtype=torch.uint8)
+        if self.augment.enabled:
+            image, label = self.augment(image, label, generator)
+        item = self._item(record, image, label)
+        item["annotated"][:] = False
+        return item
+
+
 class ValidationSamples(_PreparedSamples):
     """The fixed validation data of a stage: the stored coarse or fine arrays, not augmented, any shape."""
 

@@ -18,6 +18,10 @@ def train(config: Config, device: str = "auto") -> list[dict]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     context = setup_distributed(device)
     try:
+        if config.semi_supervised.enabled:
+            from flareseg.engine.cps import CrossPseudoSupervisionTrainer
+
+            return CrossPseudoSupervisionTrainer(config, context).fit()
         return Trainer(config, context).fit()
     finally:
         cleanup_distributed()

@@ -79,6 +79,7 @@ class Trainer:
             drop_last=False,
         )
 
+        self._build_extra()
         self.epoch = 0  # the next epoch to run
         self.best_dice = -1.0
         self.elapsed_seconds = 0.0  # training time so far, over interruptions (for train.time_budget_minutes)
@@ -128,16 +129,8 @@ class Trainer:
         self.network.train()
         self.train_set.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch)
-        loader = DataLoader(
-            self.train_set,
-            batch_size=self.settings.batch_size,
-            sampler=self.sampler,
-            num_workers=self.settings.workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=False,
-            persistent_workers=False,
-            worker_init_fn=_seed_worker,
-        )
+        loader = self._loader(self.train_set, self.sampler)
+        self._start_epoch()
         total, steps, samples = 0.0, 0, 0
         bar = tqdm(
             loader,
@@ -155,39 +148,76 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """autocast forward -> loss -> scaled backward -> unscale -> clip -> step -> zero_grad."""
-        image = batch["image"].to(self.device, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True)
-        annotated = batch["annotated"].to(self.device, non_blocking=True)
-        target = label.unsqueeze(1) == self.label_ids  # multi-hot (B, C, D, H, W)
+        image, target, annotated = self._inputs(batch)
         with autocast(self.device, self.precision):
             logits = self.network(image)
         loss = self.loss(logits, target, annotated)
+        self._check_loss(loss, batch)
+        self._optimize(loss, [(self.model, self.optimizer)])
+        return float(loss.detach())
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image, multi-hot target (B, C, D, H, W) and annotated mask (B, C) of a batch, on the device."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        annotated = batch["annotated"].to(self.device, non_blocking=True)
+        return image, label.unsqueeze(1) == self.label_ids, annotated
+
+    def _check_loss(self, loss: torch.Tensor, batch: dict) -> None:
         if not torch.isfinite(loss):
             cases = ", ".join(batch["case_id"])
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at epoch {self.epoch + 1} (cases {cases}, precision "
                 f"{self.precision}); lower train.lr, set train.grad_clip, or use train.precision=fp32"
             )
+
+    def _optimize(self, loss: torch.Tensor, pairs: list[tuple[nn.Module, torch.optim.Optimizer]]) -> None:
+        """Scaled backward of `loss`, then for each (model, optimizer): unscale, clip, step, zero_grad."""
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
         max_norm = self.settings.grad_clip if self.settings.grad_clip is not None else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if not torch.isfinite(grad_norm) and self.precision != "fp16":  # fp16: the scaler skips such steps
-            raise FloatingPointError(
-                f"non-finite gradients at epoch {self.epoch + 1} (precision {self.precision}); "
-                "lower train.lr or use train.precision=fp32"
-            )
-        self.scaler.step(self.optimizer)
+        for model, optimizer in pairs:
+            self.scaler.unscale_(optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not torch.isfinite(grad_norm) and self.precision != "fp16":  # fp16: the scaler skips such steps
+                raise FloatingPointError(
+                    f"non-finite gradients at epoch {self.epoch + 1} (precision {self.precision}); "
+                    "lower train.lr or use train.precision=fp32"
+                )
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        for _, optimizer in pairs:
+            optimizer.zero_grad(set_to_none=True)
+
+    def _loader(self, dataset, sampler, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.settings.batch_size,
+            sampler=sampler,
+            num_workers=self.settings.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+            persistent_workers=False,
+            worker_init_fn=_seed_worker,
+        )
+
+    def _build_extra(self) -> None:
+        """Extension point: build what a subclass adds (before a resume restores it)."""
+
+    def _start_epoch(self) -> None:
+        """Extension point: called at the start of each training epoch."""
+
+    def _restore_extra(self, state: dict) -> None:
+        """Extension point: restore what a subclass added to the checkpoint state."""
 
     @torch.no_grad()
     def validate(self) -> dict:
         """Dice per organ at threshold 0.5 on the fixed validation data (rank 0; the others wait)."""
         if not self.context.is_main:
             return {}
-        model = self.model.eval()
+        return self._validate_model(self.model)
+
+    def _validate_model(self, model: nn.Module) -> dict:
+        model = model.eval()
         per_label_sum = torch.zeros(self.config.num_classes, dtype=torch.float64)
         per_label_count = torch.zeros(self.config.num_classes, dtype=torch.float64)
         for item in DataLoader(self.val_set, batch_size=1, num_workers=min(self.settings.workers, 2)):
@@ -255,6 +285,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.best_dice = state["epoch"], state["best_val_dice_mean"]
         self.elapsed_seconds = state["elapsed_seconds"]
+        self._restore_extra(state)
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -1,0 +1,147 @@
+"""Cross pseudo supervision: both networks train and are checkpointed, pseudo-labels are the other net's sigmoid
+> 0.5, resume restores both networks, and either network predicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flareseg.cli import main
+from flareseg.config import load_config
+from flareseg.data.phantom import make_phantom, write_phantom_dataset
+from flareseg.data.prepare import prepare_dataset
+from flareseg.engine.checkpoint import LATEST, load_checkpoint
+from flareseg.engine.cps import BEST_B, LATEST_B, CrossPseudoSupervisionTrainer
+from flareseg.engine.distributed import DistributedContext
+from flareseg.io import write_image
+
+CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+LABELS = "data.labels=[liver, kidney, spleen]"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cps")
+    write_phantom_dataset(root / "raw", 3, seed=9, shape=(32, 48, 48), unlabeled=3)
+    config = load_config(
+        None,
+        [
+            LABELS,
+            "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3}",
+            "prepare.folds=3",
+            "prepare.coarse.size=[24,24,24]",
+            "prepare.fine.size=[32,32,32]",
+            f"prepare.images={root / 'raw' / 'imagesTr'}",
+            f"prepare.labels={root / 'raw' / 'labelsTr'}",
+            f"prepare.unlabeled={root / 'raw' / 'unlabeled'}",
+            f"prepare.out={root / 'data'}",
+        ],
+    )
+    assert prepare_dataset(config, progress=False).ok
+    return root / "data"
+
+
+def _config(data: Path, out: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            LABELS,
+            f"train.data={data}",
+            f"train.out={out}",
+            "train.workers=0",
+            "train.progress=false",
+            "train.batch_size=1",
+            "train.epochs=2",
+            "model.dropout=0",
+            "model.channels=[4,8,8,16,16]",
+            "model.input_size=[32,32,32]",
+            "semi_supervised.enabled=true",
+            "semi_supervised.unlabeled_batch_size=1",
+            *extra,
+        ],
+    )
+
+
+def test_both_networks_train_and_are_checkpointed(data, tmp_path):
+    trainer = CrossPseudoSupervisionTrainer(_config(data, tmp_path), CPU)
+    start_a = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    start_b = {k: v.clone() for k, v in trainer.model_b.state_dict().items()}
+    assert not torch.equal(start_a["head.weight"], start_b["head.weight"])  # independent initialisations
+    history = trainer.fit()
+    assert [r["epoch"] for r in history] == [0, 1] and "val_dice_mean_b" in history[-1]
+    state = load_checkpoint(tmp_path / LATEST)
+    assert not torch.equal(state["model"]["head.weight"], start_a["head.weight"])
+    assert not torch.equal(state["model_b"]["head.weight"], start_b["head.weight"])
+    net_b = load_checkpoint(tmp_path / LATEST_B)
+    assert torch.equal(net_b["model"]["head.weight"], state["model_b"]["head.weight"])
+    assert (tmp_path / BEST_B).is_file()
+
+
+def test_pseudo_labels_come_from_the_other_network(data, tmp_path, monkeypatch):
+    trainer = CrossPseudoSupervisionTrainer(_config(data, tmp_path, "train.epochs=1"), CPU)
+    seen = []
+    original = trainer.loss.forward
+
+    def record(logits, target, annotated=None):
+        seen.append((logits.detach().clone(), target.clone(), None if annotated is None else annotated.clone()))
+        return original(logits, target, annotated)
+
+    monkeypatch.setattr(trainer.loss, "forward", record)
+    trainer._start_epoch()
+    batch = next(iter(trainer._loader(trainer.train_set, trainer.sampler)))
+    trainer.train_step(batch)
+    # Order: A supervised, A pseudo (target = B > 0), B supervised, B pseudo (target = A > 0).
+    (_, _, _), (logits_a, pseudo_b, all_a), (_, _, _), (logits_b, pseudo_a, all_b) = seen
+    assert torch.equal(pseudo_a, logits_a > 0) and torch.equal(pseudo_b, logits_b > 0)
+    assert all_a.all() and all_b.all() and logits_a.shape[0] == 2  # one labeled + one unlabeled sample
+
+
+def test_ramp_up(data, tmp_path):
+    trainer = CrossPseudoSupervisionTrainer(
+        _config(data, tmp_path, "semi_supervised.rampup_epochs=10", "semi_supervised.weight=2.0"), CPU
+    )
+    weights = []
+    for epoch in (0, 5, 10, 20):
+        trainer.epoch = epoch
+        weights.append(trainer.cps_weight())
+    assert weights[0] < 0.02 and weights[0] < weights[1] < weights[2] == 2.0 == weights[3]
+
+
+def test_resume_restores_both_networks(data, tmp_path):
+    CrossPseudoSupervisionTrainer(_config(data, tmp_path / "a", "train.epochs=2"), CPU).fit()
+    first = CrossPseudoSupervisionTrainer(_config(data, tmp_path / "b", "train.epochs=2"), CPU)
+    first.add_hook("after_epoch", lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.epoch == 1 else None)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    CrossPseudoSupervisionTrainer(_config(data, tmp_path / "b", "train.epochs=2"), CPU).fit()
+    a, b = load_checkpoint(tmp_path / "a" / LATEST), load_checkpoint(tmp_path / "b" / LATEST)
+    for key in ("model", "model_b"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+
+
+def test_selected_unlabeled_cases_and_inference_with_net_b(data, tmp_path):
+    selection = tmp_path / "selected.json"
+    selection.write_text(json.dumps({"selected": ["phantom_004"]}))
+    trainer = CrossPseudoSupervisionTrainer(
+        _config(data, tmp_path / "run", "train.epochs=1", f"semi_supervised.unlabeled_cases={selection}"), CPU
+    )
+    assert set(trainer.unlabeled_set.plan) == {"phantom_004"}
+    trainer.fit()
+    phantom = make_phantom(1, shape=(24, 32, 32))
+    write_image(tmp_path / "in" / "case_0000.nii.gz", phantom.image, phantom.geometry)
+    args = [
+        "predict",
+        "-i",
+        str(tmp_path / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "-q",
+        "--coarse",
+        str(tmp_path / "run" / LATEST_B),
+        "--fine",
+        str(tmp_path / "run" / LATEST_B),
+    ]
+    assert main(args) == 0 and (tmp_path / "out" / "case.nii.gz").is_file()
