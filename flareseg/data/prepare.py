@@ -40,6 +40,10 @@ INDEX_FORMAT = 2
 POOL_START_METHOD = "forkserver"  # workers start clean, with no threads or handles inherited from the caller
 
 log = logging.getLogger(__name__)
+_WORKER_DEATH_HINT = (
+    'out of memory? From a Python script, call prepare_dataset under `if __name__ == "__main__":`, '
+    "because the workers re-import the script"
+)
 
 
 @dataclass
@@ -122,7 +126,7 @@ def _run_all(todo: list[CaseFiles], config: Config, out_dir: Path, annotated: di
         # the cases in flight killed it is unknown: each is retried alone, so only the culprit is lost.
         for case in lost:
             for dead in (yield from _run_pool(deque([case]), 1, config, out_dir, annotated)):
-                yield dead, f"{dead.image}: the worker process died while preparing it (out of memory?)"
+                yield dead, f"{dead.image}: the worker process died while preparing it ({_WORKER_DEATH_HINT})"
 
 
 def _run_pool(pending: deque, workers: int, config: Config, out_dir: Path, annotated: dict):
