@@ -240,6 +240,10 @@ def test_keep_components_keeps_the_largest_and_big_enough_others():
     two = keep_components(label.copy(), (1.0, 1.0, 1.0), min_volume_mm3=50, keep=3)
     assert (two == 1).sum() == 125 + 64  # the 8-voxel part is below 50 mm^3
     assert foreground_box(two) == Box((1, 1, 1), (19, 19, 19)) and foreground_box(np.zeros_like(label)) is None
+    # Per-label overrides: two components of label 1 (e.g. merged kidneys) while others keep one.
+    label[10:12, 1:3, 10:12] = 2  # a second, 8-voxel part of label 2
+    per_label = keep_components(label.copy(), (1.0, 1.0, 1.0), min_volume_mm3=0, keep=1, keep_per_label={1: 2})
+    assert (per_label == 1).sum() == 125 + 64 and (per_label == 2).sum() == 8
 
 
 def test_box_to_source_covers_the_resampled_box():

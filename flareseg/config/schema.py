@@ -297,11 +297,12 @@ class PredictConfig:
     coarse_min_volume_mm3: float = 1000.0  # coarse components smaller than this are dropped (the largest stays)
     fine_min_volume_mm3: float = 2000.0  # fine components smaller than this are dropped (the largest stays)
     keep_components: int = 1  # connected components kept per label (largest first)
+    keep_components_per_label: dict[int, int] | None = None  # overrides by label id, e.g. {2: 2} for merged kidneys
     png: bool = False  # also write <case>.png: axial and coronal slices with the predicted contours
 
     def validate(self, prefix: str = "predict.") -> None:
-        if self.keep_components < 1:
-            raise ConfigError(f"'{prefix}keep_components' must be >= 1, got {self.keep_components}")
+        if self.keep_components < 1 or any(k < 1 for k in (self.keep_components_per_label or {}).values()):
+            raise ConfigError(f"'{prefix}keep_components' (and its per-label overrides) must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"'{prefix}threads' must be >= 1 (or null), got {self.threads}")
         for key in ("margin_mm", "coarse_min_volume_mm3", "fine_min_volume_mm3"):

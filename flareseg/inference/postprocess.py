@@ -10,9 +10,12 @@ from scipy import ndimage
 from flareseg.data.crop import Box
 
 
-def keep_components(label_map: np.ndarray, spacing, min_volume_mm3: float, keep: int = 1) -> np.ndarray:
-    """Per label, keep the `keep` largest connected components (26-connectivity) of at least `min_volume_mm3`;
-    the largest component of each label is always kept, so a small organ is never erased. In place; returns it."""
+def keep_components(
+    label_map: np.ndarray, spacing, min_volume_mm3: float, keep: int = 1, keep_per_label: dict[int, int] | None = None
+) -> np.ndarray:
+    """Per label, keep the `keep` (or `keep_per_label[label]`) largest connected components (26-connectivity) of at
+    least `min_volume_mm3`; the largest component of each label is always kept, so a small organ is never erased.
+    In place; returns it."""
     voxel_mm3 = math.prod(spacing)
     structure = np.ones((3, 3, 3), dtype=bool)
     for value, box in enumerate(ndimage.find_objects(label_map), start=1):
@@ -25,7 +28,8 @@ def keep_components(label_map: np.ndarray, spacing, min_volume_mm3: float, keep:
             continue
         sizes = np.bincount(components.ravel())[1:]
         order = np.argsort(sizes)[::-1]
-        kept = [order[0]] + [i for i in order[1:keep] if sizes[i] * voxel_mm3 >= min_volume_mm3]
+        count_kept = (keep_per_label or {}).get(value, keep)
+        kept = [order[0]] + [i for i in order[1:count_kept] if sizes[i] * voxel_mm3 >= min_volume_mm3]
         survivors = np.zeros(count + 1, dtype=bool)
         survivors[np.asarray(kept) + 1] = True
         region[mask & ~survivors[components]] = 0

@@ -93,7 +93,13 @@ class Predictor:
 
         coarse = self.coarse.label_map(volume).cpu().numpy()
         coarse_spacing = resampled_geometry(canonical, coarse.shape).spacing
-        keep_components(coarse, coarse_spacing, self.settings.coarse_min_volume_mm3, self.settings.keep_components)
+        keep_components(
+            coarse,
+            coarse_spacing,
+            self.settings.coarse_min_volume_mm3,
+            self.settings.keep_components,
+            self.settings.keep_components_per_label,
+        )
         timings.lap("coarse", self.device)
 
         labels_c = np.zeros(canonical.shape, dtype=np.uint8)
@@ -105,7 +111,13 @@ class Predictor:
             fine = self.fine.label_map(volume[box.slices])
             fine = resize_label(fine, box.shape, "per_label").cpu().numpy()
             timings.lap("fine", self.device)
-            keep_components(fine, canonical.spacing, self.settings.fine_min_volume_mm3, self.settings.keep_components)
+            keep_components(
+                fine,
+                canonical.spacing,
+                self.settings.fine_min_volume_mm3,
+                self.settings.keep_components,
+                self.settings.keep_components_per_label,
+            )
             labels_c[box.slices] = fine
         else:
             timings.lap("box", self.device)
