@@ -226,14 +226,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_pseudo_label(args: argparse.Namespace) -> int:
+    from flareseg.data.cases import default_annotated_file
     from flareseg.semi import ANNOTATED_FILE, REPORT_FILE, pseudo_label_folder, read_annotated_file
 
     config = _config_from(
         args, {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
     )
-    annotated_file = args.annotated
-    if annotated_file is None and (args.labels / ANNOTATED_FILE).is_file():
-        annotated_file = args.labels / ANNOTATED_FILE
+    annotated_file = args.annotated or default_annotated_file(args.labels)
     annotated = read_annotated_file(annotated_file) if annotated_file is not None else None
     summary = pseudo_label_folder(args.images, args.labels, args.out, config.predict, annotated, not args.quiet)
     print(

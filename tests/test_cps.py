@@ -12,35 +12,17 @@ import torch
 from flareseg.cli import main
 from flareseg.config import load_config
 from flareseg.data.phantom import make_phantom, write_phantom_dataset
-from flareseg.data.prepare import prepare_dataset
 from flareseg.engine.checkpoint import LATEST, load_checkpoint
 from flareseg.engine.cps import BEST_B, LATEST_B, CrossPseudoSupervisionTrainer
-from flareseg.engine.distributed import DistributedContext
 from flareseg.io import write_image
-
-CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-LABELS = "data.labels=[liver, kidney, spleen]"
+from tests.tiny import CPU, LABELS, LIVER_KIDNEY_SPLEEN, prepare_tiny
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cps")
     write_phantom_dataset(root / "raw", 3, seed=9, shape=(32, 48, 48), unlabeled=3)
-    config = load_config(
-        None,
-        [
-            LABELS,
-            "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3}",
-            "prepare.folds=3",
-            "prepare.coarse.size=[24,24,24]",
-            "prepare.fine.size=[32,32,32]",
-            f"prepare.images={root / 'raw' / 'imagesTr'}",
-            f"prepare.labels={root / 'raw' / 'labelsTr'}",
-            f"prepare.unlabeled={root / 'raw' / 'unlabeled'}",
-            f"prepare.out={root / 'data'}",
-        ],
-    )
-    assert prepare_dataset(config, progress=False).ok
+    prepare_tiny(root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=3")
     return root / "data"
 
 

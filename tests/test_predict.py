@@ -12,22 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from flareseg.cli import main
-from flareseg.config import load_config
 from flareseg.data.crop import Box
 from flareseg.data.phantom import make_phantom, write_phantom_dataset
-from flareseg.data.prepare import prepare_dataset
-from flareseg.engine.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from flareseg.engine.distributed import DistributedContext
-from flareseg.engine.trainer import Trainer
+from flareseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from flareseg.inference.postprocess import box_to_source, foreground_box, keep_components
 from flareseg.io import read_image, write_image
+from tests.tiny import LABELS, LIVER_KIDNEY_SPLEEN, prepare_tiny, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-LABELS = "data.labels=[liver, kidney, spleen]"
 
 
 @pytest.fixture(scope="module")
@@ -35,39 +29,8 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """Coarse and fine checkpoints trained for a few steps: enough to run, not to be accurate."""
     root = tmp_path_factory.mktemp("models")
     write_phantom_dataset(root / "raw", 3, seed=2, shape=(32, 48, 48))
-    prepare = load_config(
-        None,
-        [
-            LABELS,
-            "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3}",
-            "prepare.folds=1",
-            "prepare.coarse.size=[24,24,24]",
-            "prepare.fine.size=[32,32,32]",
-            f"prepare.images={root / 'raw' / 'imagesTr'}",
-            f"prepare.labels={root / 'raw' / 'labelsTr'}",
-            f"prepare.out={root / 'data'}",
-        ],
-    )
-    assert prepare_dataset(prepare, progress=False).ok
-    common = [
-        LABELS,
-        f"train.data={root / 'data'}",
-        "train.fold=-1",
-        "train.epochs=1",
-        "train.workers=0",
-        "train.progress=false",
-        "train.iterations_per_epoch=2",
-        "model.dropout=0",
-    ]
-    paths = []
-    for stage, model in (
-        ("coarse", ["model.name=base_unet", "model.channels=[4,8,8,16]", "model.input_size=[24,24,24]"]),
-        ("fine", ["model.channels=[4,8,8,16,16]", "model.input_size=[32,32,32]"]),
-    ):
-        config = load_config(None, [*common, *model, f"train.stage={stage}", f"train.out={root / stage}"])
-        Trainer(config, CPU).fit()
-        paths.append(root / stage / LATEST)
-    return paths[0], paths[1]
+    data = prepare_tiny(root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=1")
+    return train_tiny(data, root / "coarse", "coarse", LABELS), train_tiny(data, root / "fine", "fine", LABELS)
 
 
 def _predict(checkpoints, input_dir: Path, output_dir: Path, *extra: str) -> int:

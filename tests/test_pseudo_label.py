@@ -11,21 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from flareseg.cli import main
-from flareseg.config import ConfigError, load_config
+from flareseg.config import ConfigError
 from flareseg.config.schema import PredictConfig
 from flareseg.data.phantom import make_phantom, phantom_case_seed, write_phantom_dataset
-from flareseg.data.prepare import prepare_dataset
-from flareseg.engine.checkpoint import LATEST
-from flareseg.engine.distributed import DistributedContext
-from flareseg.engine.trainer import Trainer
 from flareseg.io import read_image, write_image
 from flareseg.semi import fuse_labels, pseudo_label_folder, read_annotated_file
 from flareseg.semi import pseudo_label as pseudo_label_module
+from tests.tiny import prepare_tiny, train_tiny
 
-CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SHAPE = (32, 48, 48)
 
 
@@ -85,38 +80,10 @@ def teacher(tmp_path_factory) -> tuple[Path, Path]:
     """Coarse and fine checkpoints of the 13 FLARE organs, trained a few steps on partial labels."""
     root = tmp_path_factory.mktemp("teacher")
     write_phantom_dataset(root / "raw", 3, seed=2, shape=SHAPE, partial=True)
-    prepare = load_config(
-        None,
-        [
-            "prepare.annotation=present",
-            "prepare.folds=1",
-            "prepare.workers=1",
-            "prepare.coarse.size=[24,24,24]",
-            "prepare.fine.size=[32,32,32]",
-            f"prepare.images={root / 'raw' / 'imagesTr'}",
-            f"prepare.labels={root / 'raw' / 'labelsTr'}",
-            f"prepare.out={root / 'data'}",
-        ],
+    data = prepare_tiny(
+        root / "raw", root / "data", "prepare.annotation=present", "prepare.folds=1", "prepare.workers=1"
     )
-    assert prepare_dataset(prepare, progress=False).ok
-    common = [
-        f"train.data={root / 'data'}",
-        "train.fold=-1",
-        "train.epochs=1",
-        "train.workers=0",
-        "train.progress=false",
-        "train.iterations_per_epoch=2",
-        "model.dropout=0",
-    ]
-    paths = []
-    for stage, model in (
-        ("coarse", ["model.name=base_unet", "model.channels=[4,8,8,16]", "model.input_size=[24,24,24]"]),
-        ("fine", ["model.channels=[4,8,8,16,16]", "model.input_size=[32,32,32]"]),
-    ):
-        config = load_config(None, [*common, *model, f"train.stage={stage}", f"train.out={root / stage}"])
-        Trainer(config, CPU).fit()
-        paths.append(root / stage / LATEST)
-    return paths[0], paths[1]
+    return train_tiny(data, root / "coarse", "coarse"), train_tiny(data, root / "fine", "fine")
 
 
 def test_cli_fills_partial_labels_and_reports_a_bad_case(teacher, tmp_path, capsys):

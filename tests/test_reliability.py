@@ -7,20 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from flareseg.cli import main
-from flareseg.config import load_config
 from flareseg.data.phantom import make_phantom, write_phantom_dataset
-from flareseg.data.prepare import prepare_dataset
-from flareseg.engine.distributed import DistributedContext
-from flareseg.engine.trainer import Trainer
 from flareseg.io import write_image
 from flareseg.semi.reliability import label_dice, reliability, select
-
-CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-LABELS = "data.labels=[liver, kidney, spleen]"
+from tests.tiny import LABELS, LIVER_KIDNEY_SPLEEN, prepare_tiny, train_tiny
 
 
 def test_a_corrupted_prediction_set_is_less_reliable():
@@ -49,41 +42,9 @@ def test_selection_threshold_order_top_and_expected_labels():
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uif")
     write_phantom_dataset(root / "raw", 3, seed=4, shape=(32, 48, 48), unlabeled=2)
-    prepare = load_config(
-        None,
-        [
-            LABELS,
-            "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3}",
-            "prepare.folds=1",
-            "prepare.coarse.size=[24,24,24]",
-            "prepare.fine.size=[32,32,32]",
-            f"prepare.images={root / 'raw' / 'imagesTr'}",
-            f"prepare.labels={root / 'raw' / 'labelsTr'}",
-            f"prepare.out={root / 'data'}",
-        ],
-    )
-    assert prepare_dataset(prepare, progress=False).ok
-    common = [
-        LABELS,
-        f"train.data={root / 'data'}",
-        "train.fold=-1",
-        "train.workers=0",
-        "train.progress=false",
-        "train.iterations_per_epoch=2",
-        "model.dropout=0",
-    ]
-    stages = (
-        (
-            "coarse",
-            ["model.name=base_unet", "model.channels=[4,8,8,16]", "model.input_size=[24,24,24]", "train.epochs=1"],
-        ),
-        (
-            "fine",
-            ["model.channels=[4,8,8,16,16]", "model.input_size=[32,32,32]", "train.epochs=3", "train.keep_every=1"],
-        ),
-    )
-    for stage, extra in stages:
-        Trainer(load_config(None, [*common, *extra, f"train.stage={stage}", f"train.out={root / stage}"]), CPU).fit()
+    data = prepare_tiny(root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=1")
+    train_tiny(data, root / "coarse", "coarse", LABELS)
+    train_tiny(data, root / "fine", "fine", LABELS, "train.epochs=3", "train.keep_every=1")
     return root
 
 

@@ -7,11 +7,14 @@ ignored: flareseg segments single-channel CT.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flareseg.io import image_suffix, is_dicom_dir, strip_image_suffix
+from flareseg.config import ConfigError
+from flareseg.io import Geometry, image_suffix, is_dicom_dir, strip_image_suffix
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -102,3 +105,45 @@ def find_cases(
                 continue
             cases.append(CaseFiles(case_id, image, None))
     return cases, problems
+
+
+ANNOTATED_FILE = "annotated.json"  # {case id: [annotated label ids]} beside partially labeled label maps
+
+
+def default_annotated_file(labels: Path | None) -> Path | None:
+    """labels/annotated.json when it exists."""
+    candidate = None if labels is None else Path(labels) / ANNOTATED_FILE
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
+def read_annotated_file(path: str | os.PathLike, max_label: int = 255) -> dict[str, list[int]]:
+    """The {case id: [annotated label ids]} file of a partially labeled dataset, checked (ids 1..max_label)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the annotated-labels file ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{case id: [label ids]}}")
+    for case_id, ids in data.items():
+        valid = isinstance(ids, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= max_label for v in ids
+        )
+        if not valid:
+            raise ConfigError(f"{path}: case '{case_id}' must list label ids between 1 and {max_label}, got {ids!r}")
+    return data
+
+
+def label_grid_problem(case: CaseFiles, label_geometry: Geometry, geometry: Geometry) -> str | None:
+    """A "label file: reason" line when a case's label map is not on its image's voxel grid, else None."""
+    if label_geometry.same_grid(geometry, atol=1e-3):
+        return None
+    return (
+        f"{case.label}: label grid does not match the image {case.image.name} "
+        f"(label shape {label_geometry.shape}, spacing {_fmt(label_geometry.spacing)}, origin "
+        f"{_fmt(label_geometry.origin)}; image shape {geometry.shape}, spacing {_fmt(geometry.spacing)}, "
+        f"origin {_fmt(geometry.origin)})"
+    )
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

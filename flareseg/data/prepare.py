@@ -8,7 +8,6 @@ with its reason, listed in failures.csv, and skipped; the others are prepared.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import multiprocessing
 import os
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from flareseg import __version__
 from flareseg.config import Config, ConfigError, save_config, to_plain
-from flareseg.data.cases import CaseFiles, find_cases
+from flareseg.data.cases import CaseFiles, default_annotated_file, find_cases, read_annotated_file
 from flareseg.data.index import IndexWriter
 from flareseg.data.prepare_case import CaseError, prepare_case
 from flareseg.data.splits import kfold_splits
@@ -77,9 +76,8 @@ def prepare_dataset(config: Config, progress: bool = True) -> PrepareSummary:
 
     cases, problems = find_cases(settings.images, settings.labels, settings.unlabeled)
     summary.failed += problems
-    annotated = _read_annotated(
-        settings.annotated_file or _default_annotated_file(settings.labels), len(config.data.labels)
-    )
+    annotated_file = settings.annotated_file or default_annotated_file(settings.labels)
+    annotated = {} if annotated_file is None else read_annotated_file(annotated_file, len(config.data.labels))
 
     with IndexWriter(out_dir / INDEX_DIR) as index:
         _claim_index(index, config)
@@ -215,27 +213,6 @@ def _write_splits(index: IndexWriter, folds: int, seed: int) -> None:
         log.warning("only %d labeled cases: using a %d-fold split instead of %d", len(labeled), len(labeled), folds)
         folds = len(labeled)
     index.put(SPLITS_KEY, {"folds": folds, "seed": seed, "splits": kfold_splits(labeled, folds, seed)})
-
-
-def _default_annotated_file(labels: Path | None) -> Path | None:
-    candidate = None if labels is None else Path(labels) / "annotated.json"
-    return candidate if candidate is not None and candidate.is_file() else None
-
-
-def _read_annotated(path: Path | None, num_labels: int) -> dict[str, list[int]]:
-    """The {case id: [annotated label ids]} file of partially labeled datasets, checked."""
-    if path is None:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the annotated-labels file ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object {{case id: [label ids]}}")
-    for case_id, ids in data.items():
-        if not isinstance(ids, list) or not all(isinstance(v, int) and 1 <= v <= num_labels for v in ids):
-            raise ConfigError(f"{path}: case '{case_id}' must list label ids between 1 and {num_labels}, got {ids!r}")
-    return data
 
 
 def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flareseg.config.schema import Config, GridConfig
-from flareseg.data.cases import CaseFiles
+from flareseg.data.cases import CaseFiles, label_grid_problem
 from flareseg.data.crop import Box, bounding_box, expand_box_mm
 from flareseg.data.intensity import intensity_statistics
 from flareseg.data.resample import resampled_geometry, resize_image, resize_label, size_for_spacing
@@ -140,13 +140,9 @@ def _read_case(case: CaseFiles, config: Config) -> tuple[np.ndarray, Geometry, n
     if case.label is None:
         return image, geometry, None
     label, label_geometry = read_image(case.label)
-    if not label_geometry.same_grid(geometry, atol=1e-3):
-        raise CaseError(
-            f"{case.label}: label grid does not match the image {case.image.name} "
-            f"(label shape {label_geometry.shape}, spacing {_fmt(label_geometry.spacing)}, origin "
-            f"{_fmt(label_geometry.origin)}; image shape {geometry.shape}, spacing {_fmt(geometry.spacing)}, "
-            f"origin {_fmt(geometry.origin)})"
-        )
+    problem = label_grid_problem(case, label_geometry, geometry)
+    if problem:
+        raise CaseError(problem)
     return image, geometry, _map_labels(case, label, config)
 
 
@@ -233,10 +229,6 @@ def _foreground_locations(fine_label: np.ndarray | None, per_label: int, case_id
         chosen = np.sort(rng.choice(candidates, size=min(per_label, candidates.size), replace=False))
         locations[str(int(value))] = np.stack(np.unravel_index(chosen, fine_label.shape), axis=1).tolist()
     return locations
-
-
-def _fmt(values: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 class _StepTimer:

@@ -29,12 +29,11 @@ from tqdm import tqdm
 
 from flareseg.config import ConfigError
 from flareseg.config.schema import PredictConfig
-from flareseg.data.cases import CaseFiles, find_cases
+from flareseg.data.cases import ANNOTATED_FILE, CaseFiles, find_cases, label_grid_problem
 from flareseg.inference.predictor import Predictor
 from flareseg.io import ImageReadError, read_image, write_image
 from flareseg.semi.fusion import MAX_LABEL, as_label_ids, fuse_labels
 
-ANNOTATED_FILE = "annotated.json"
 REPORT_FILE = "pseudo_label.csv"
 UNLISTED = "not listed in the annotated-labels file: treated as fully annotated, nothing filled"
 
@@ -65,23 +64,6 @@ class PseudoLabelSummary:
     def exit_code(self) -> int:
         """1 when any case failed, else 0."""
         return 0 if self.ok else 1
-
-
-def read_annotated_file(path: str | os.PathLike) -> dict[str, list[int]]:
-    """The {case id: [annotated label ids]} file of a partially labelled dataset, checked (ids 1..255)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the annotated-labels file ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object {{case id: [label ids]}}")
-    for case_id, ids in data.items():
-        valid = isinstance(ids, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LABEL for v in ids
-        )
-        if not valid:
-            raise ConfigError(f"{path}: case '{case_id}' must list label ids between 1 and {MAX_LABEL}, got {ids!r}")
-    return data
 
 
 def pseudo_label_folder(
@@ -151,13 +133,9 @@ def _pseudo_label_case(
     """Write one fused label map; returns (ids annotated in the output, ids filled in, a note or "")."""
     image, geometry = read_image(case.image)
     label, label_geometry = read_image(case.label)
-    if not label_geometry.same_grid(geometry, atol=1e-3):
-        raise PseudoLabelError(
-            f"{case.label}: label grid does not match the image {case.image} "
-            f"(label shape {label_geometry.shape}, spacing {_fmt(label_geometry.spacing)}, origin "
-            f"{_fmt(label_geometry.origin)}; image shape {geometry.shape}, spacing {_fmt(geometry.spacing)}, "
-            f"origin {_fmt(geometry.origin)})"
-        )
+    problem = label_grid_problem(case, label_geometry, geometry)
+    if problem:
+        raise PseudoLabelError(problem)
     try:
         partial = as_label_ids(label, "partial")
     except ValueError as error:
@@ -193,10 +171,6 @@ def _fail(summary: PseudoLabelSummary, case_id: str, message: str, out_dir: Path
 
 def _remove_stale(out_dir: Path, case_id: str) -> None:
     (out_dir / f"{case_id}.nii.gz").unlink(missing_ok=True)
-
-
-def _fmt(values: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _write_json(path: Path, data: dict) -> None:
