@@ -84,6 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-o", "--output", type=Path, required=True, help="folder for <case> label maps")
     predict.add_argument("--coarse", help="coarse checkpoint (predict.coarse)")
     predict.add_argument("--fine", help="fine checkpoint (predict.fine)")
+    predict.add_argument(
+        "--stages", nargs="+", metavar="CKPT", help="a chain instead: ROI checkpoint, then segmenters (predict.stages)"
+    )
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
     predict.add_argument(
         "--png", action="store_true", default=None, help="also write <case>.png overlays (predict.png)"
@@ -102,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     pseudo.add_argument("--coarse", metavar="CKPT", help="teacher coarse checkpoint (predict.coarse)")
     pseudo.add_argument("--fine", metavar="CKPT", help="teacher fine checkpoint (predict.fine)")
+    pseudo.add_argument("--stages", nargs="+", metavar="CKPT", help="a teacher chain instead (predict.stages)")
     pseudo.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
     pseudo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pseudo.set_defaults(run=_run_pseudo_label)
@@ -216,7 +220,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from flareseg.inference.batch import TIMING_FILE, predict_folder
 
     flags = {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
-    config = _config_from(args, {**flags, "predict.png": args.png})
+    config = _config_from(args, {**flags, "predict.stages": args.stages, "predict.png": args.png})
     summary = predict_folder(config, args.input, args.output, progress=not args.quiet)
     print(
         f"predicted {len(summary.predicted)}, failed {len(summary.failed)} -> {args.output} "
@@ -229,9 +233,8 @@ def _run_pseudo_label(args: argparse.Namespace) -> int:
     from flareseg.data.cases import default_annotated_file
     from flareseg.semi import ANNOTATED_FILE, REPORT_FILE, pseudo_label_folder, read_annotated_file
 
-    config = _config_from(
-        args, {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
-    )
+    flags = {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
+    config = _config_from(args, {**flags, "predict.stages": args.stages})
     annotated_file = args.annotated or default_annotated_file(args.labels)
     annotated = read_annotated_file(annotated_file) if annotated_file is not None else None
     summary = pseudo_label_folder(args.images, args.labels, args.out, config.predict, annotated, not args.quiet)

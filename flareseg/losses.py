@@ -5,8 +5,9 @@ Shapes: `logits` and `target` are [B, C, *spatial] (C labels, one sigmoid each; 
 loss and gets no gradient. Losses are computed in float32 whatever the dtype of the logits (autocast).
 
 `build_loss(config.train.loss)` gives soft Dice (squared denominator) plus the second term that
-`LossConfig.name` picks: "dice" (none), "dice_focal", "dice_bce" or "dice_topk". `hard_dice` is the
-validation metric (FLARE convention: both masks empty = 1).
+`LossConfig.name` picks: "dice" (none), "dice_focal", "dice_bce" or "dice_topk", optionally with dynamic
+per-label weights (`LossConfig.dynamic_weights`). `hard_dice` is the validation metric (FLARE convention: both
+masks empty = 1).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flareseg.registry import Registry
 SecondTerm = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target [B, C, N], pair weights [B, C]) -> scalar
 LossBuilder = Callable[[LossConfig], SecondTerm | None]  # the term a loss name adds to Dice (None = Dice only)
 LOSSES: Registry[LossBuilder] = Registry("loss", "train.loss.name")
+_MIN_DYNAMIC_FACTOR = 1e-3  # dynamic weights: smallest (1 - running Dice) factor
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -94,6 +96,17 @@ class SegmentationLoss(nn.Module):
 
     Dice is the weighted mean of 1 - Dice over pairs; `label_weights` (length C, None = all 1) weigh the
     labels in every term. forward(logits, target, annotated=None) -> float32 scalar.
+
+    With `dynamic_momentum` set (dynamic weights), the module keeps a running soft Dice per label (buffer
+    `running_dice`, [C]) and multiplies each label's weight by (1 - running Dice), renormalised to mean 1 over
+    the labels, so the labels the network segments worst (small lesions) get a larger share of the loss.
+    Each forward in training mode first updates the running values, without gradient, from the annotated pairs
+    of the batch only: d_k <- m d_k + (1 - m) mean over annotated samples of soft Dice_k. A label's first
+    measurement sets its value directly (`dice_updates`, [C], counts the measurements); a label not yet
+    measured counts as Dice 0.5 in the renormalisation, where it changes nothing (a label only gets weight
+    where it is annotated, and by then it has been measured). Deterministic; under DDP each process keeps its
+    own running values from its own batches. The buffers are sized at the first training forward and are in
+    `state_dict()`, so a resumed run continues with them.
     """
 
     def __init__(
@@ -102,13 +115,19 @@ class SegmentationLoss(nn.Module):
         second_term: SecondTerm | None = None,
         second_weight: float = 1.0,
         label_weights: Sequence[float] | None = None,
+        dynamic_momentum: float | None = None,
     ) -> None:
         super().__init__()
+        if dynamic_momentum is not None and not 0.0 <= dynamic_momentum < 1.0:
+            raise ValueError(f"dynamic_momentum must be in [0, 1) (or None), got {dynamic_momentum}")
         self.smooth = smooth
         self.second_term = second_term
         self.second_weight = second_weight
+        self.dynamic_momentum = dynamic_momentum
         weights = None if label_weights is None else torch.as_tensor(label_weights, dtype=torch.float32)
-        self.register_buffer("label_weights", weights)
+        self.register_buffer("label_weights", weights, persistent=False)  # from the config, not training state
+        self.register_buffer("running_dice", torch.zeros(0))
+        self.register_buffer("dice_updates", torch.zeros(0, dtype=torch.long))
 
     def forward(self, logits: Tensor, target: Tensor, annotated: Tensor | None = None) -> Tensor:
         """logits, target [B, C, *spatial]; annotated [B, C] bool or None (all annotated) -> scalar."""
@@ -117,25 +136,74 @@ class SegmentationLoss(nn.Module):
         with torch.autocast(logits.device.type, enabled=False):
             flat_logits = logits.float().flatten(2)
             flat_target = target.float().flatten(2)
+            dice = soft_dice(torch.sigmoid(flat_logits), flat_target, self.smooth)
+            if self.dynamic_momentum is not None and self.training:
+                self._update_running_dice(dice.detach(), annotated)
             weights = self.pair_weights(annotated, logits.shape[0], logits.shape[1], logits.device)
-            loss = weighted_mean(1 - soft_dice(torch.sigmoid(flat_logits), flat_target, self.smooth), weights)
+            loss = weighted_mean(1 - dice, weights)
             if self.second_term is not None:
                 loss = loss + self.second_weight * self.second_term(flat_logits, flat_target, weights)
         return loss
 
     def pair_weights(self, annotated: Tensor | None, batch: int, labels: int, device: torch.device) -> Tensor:
         """Weight of each (sample, label) pair, [B, C] float32: the label's weight if annotated, else 0."""
-        if self.label_weights is None:
-            weights = torch.ones(batch, labels, device=device)
-        elif self.label_weights.numel() != labels:
-            raise ValueError(f"label_weights has {self.label_weights.numel()} entries for {labels} labels")
-        else:
-            weights = self.label_weights.to(device).expand(batch, labels)
+        weights = self.class_weights(labels, device).expand(batch, labels)
         if annotated is None:
             return weights
         if annotated.shape != (batch, labels):
             raise ValueError(f"annotated must be [B, C] = {[batch, labels]}, got {list(annotated.shape)}")
         return torch.where(annotated.to(device).bool(), weights, 0.0)
+
+    def class_weights(self, labels: int, device: torch.device) -> Tensor:
+        """Each label's weight, [C] float32: `label_weights` (or 1), times the dynamic factor when enabled."""
+        if self.label_weights is None:
+            weights = torch.ones(labels, device=device)
+        elif self.label_weights.numel() != labels:
+            raise ValueError(f"label_weights has {self.label_weights.numel()} entries for {labels} labels")
+        else:
+            weights = self.label_weights.to(device)
+        if self.dynamic_momentum is None or self.running_dice.numel() == 0:
+            return weights
+        self._check_running_size(labels)
+        dice = torch.where(self.dice_updates > 0, self.running_dice, 0.5).to(device)
+        # The floor keeps a perfectly segmented label from dropping out of the loss altogether.
+        weights = weights * (1 - dice).clamp_min(_MIN_DYNAMIC_FACTOR)
+        mean = weights.mean()
+        return weights / torch.where(mean > 0, mean, torch.ones_like(mean))
+
+    @torch.no_grad()
+    def _update_running_dice(self, dice: Tensor, annotated: Tensor | None) -> None:
+        """Exponential moving average of each label's soft Dice over the batch's annotated samples."""
+        batch, labels = dice.shape
+        if self.running_dice.numel() == 0:
+            self.running_dice = torch.zeros(labels, device=dice.device)
+            self.dice_updates = torch.zeros(labels, dtype=torch.long, device=dice.device)
+        self._check_running_size(labels)
+        if annotated is None:
+            mask = torch.ones_like(dice)
+        elif annotated.shape != (batch, labels):
+            raise ValueError(f"annotated must be [B, C] = {[batch, labels]}, got {list(annotated.shape)}")
+        else:
+            mask = annotated.to(dice.device).float()
+        count = mask.sum(0)
+        batch_dice = (dice * mask).sum(0) / count.clamp_min(1)
+        seen = count > 0
+        momentum = torch.where(self.dice_updates > 0, self.dynamic_momentum, 0.0)  # first measurement: no prior
+        updated = momentum * self.running_dice + (1 - momentum) * batch_dice
+        self.running_dice.copy_(torch.where(seen, updated, self.running_dice))
+        self.dice_updates.add_(seen.long())
+
+    def _check_running_size(self, labels: int) -> None:
+        if self.running_dice.numel() != labels:
+            raise ValueError(f"the running Dice holds {self.running_dice.numel()} labels, the logits {labels}")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # The running buffers are sized lazily: take the stored size (also empty) before copying the values.
+        for name in ("running_dice", "dice_updates"):
+            stored = state_dict.get(prefix + name)
+            if stored is not None:
+                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
@@ -166,7 +234,8 @@ def _dice_topk(cfg: LossConfig) -> SecondTerm | None:
 def build_loss(config: LossConfig) -> SegmentationLoss:
     """The loss that `config` (train.loss) describes; an unknown name is a ConfigError (a ValueError)."""
     second_term = LOSSES.lookup(config.name)(config)
-    return SegmentationLoss(config.smooth, second_term, config.second_weight, config.label_weights)
+    momentum = config.dynamic_momentum if config.dynamic_weights else None
+    return SegmentationLoss(config.smooth, second_term, config.second_weight, config.label_weights, momentum)
 
 
 def hard_dice(prediction: Tensor, target: Tensor) -> Tensor:

@@ -59,5 +59,18 @@ def test_shipped_yaml_names_every_key_of_its_sections(name, sections):
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(paths) >= 16
+    for path in paths:
         load_config(path)
+
+
+def test_flare_system_configs_describe_their_systems():
+    flare21 = load_config(REPO / "configs" / "flare21" / "fine.yaml")
+    assert flare21.num_classes == 4 and flare21.model.name == "efficient_segnet"
+    roi, organs, lesion = (load_config(REPO / "configs" / "flare23" / f"{n}.yaml") for n in ("roi", "organs", "lesion"))
+    assert roi.num_classes == 1 and roi.train.stage == "coarse"
+    assert load_config(REPO / "configs" / "flare23" / "data_prepare.yaml").uses_patches("fine")
+    assert lesion.class_label_groups[0] == [14] and lesion.train.loss.dynamic_weights
+    chain = load_config(REPO / "configs" / "flare23" / "predict.yaml").predict
+    assert [path.parent.name for path in chain.stages] == ["roi", "organs", "lesion"]

@@ -216,3 +216,95 @@ def test_dice_per_channel_thresholds_the_sigmoid():
     logits, target = _batch(seed=10)
     assert torch.equal(dice_per_channel(logits, target), hard_dice(logits > 0, target))
     assert torch.equal(dice_per_channel(logits, target, threshold=0.9), hard_dice(logits > math.log(9), target))
+
+
+def _dynamic(momentum: float = 0.9, **kwargs) -> torch.nn.Module:
+    return build_loss(LossConfig(dynamic_weights=True, dynamic_momentum=momentum, **kwargs))
+
+
+def _good_and_bad(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that segment label 0 almost perfectly and label 1 badly (inverted), label 2 in between."""
+    logits, target = _batch(seed=seed)
+    sign = 2 * target.float() - 1
+    logits[:, 0], logits[:, 1] = 3 * sign[:, 0], -2 * sign[:, 1]
+    return logits, target
+
+
+def test_dynamic_weights_favour_the_poorly_segmented_label():
+    loss = _dynamic()
+    logits, target = _good_and_bad(seed=11)
+    value = loss(logits, target)
+    weights = loss.class_weights(3, logits.device)
+    assert weights[1] > weights[2] > weights[0] and weights[1] > 10 * weights[0]
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-6)
+    # The loss is the statically weighted loss with those weights.
+    static = build_loss(LossConfig(label_weights=weights.tolist()))(logits, target)
+    assert value.item() == pytest.approx(static.item(), rel=1e-6)
+    assert value.item() > build_loss(LossConfig())(logits, target).item()  # the bad label counts more
+
+
+def test_dynamic_weights_scale_the_static_weights_and_average_one():
+    loss = _dynamic(label_weights=[1.0, 4.0, 0.0])
+    logits, target = _good_and_bad(seed=12)
+    loss(logits, target)
+    weights = loss.class_weights(3, logits.device)
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-6) and weights[2].item() == 0.0
+    factors = 1 - loss.running_dice
+    assert (weights[1] / weights[0]).item() == pytest.approx(4 * (factors[1] / factors[0]).item(), rel=1e-5)
+
+
+def test_running_dice_is_the_first_batch_then_an_exponential_average():
+    loss = _dynamic(momentum=0.75)
+    (first, target_1), (second, target_2) = _batch(seed=13), _batch(seed=14)
+    loss(first, target_1)
+    loss(second, target_2)
+    dice_1 = 1 - torch.stack([build_loss(LossConfig())(first[:, k : k + 1], target_1[:, k : k + 1]) for k in range(3)])
+    dice_2 = 1 - torch.stack([build_loss(LossConfig())(second[:, k : k + 1], target_2[:, k : k + 1]) for k in range(3)])
+    assert torch.allclose(loss.running_dice, 0.75 * dice_1 + 0.25 * dice_2, atol=1e-6)
+    assert loss.dice_updates.tolist() == [2, 2, 2]
+
+
+def test_dynamic_weights_disabled_or_in_eval_mode_change_nothing():
+    logits, target = _batch(seed=15)
+    annotated = torch.tensor([[True, False, True], [True, True, False]])
+    plain = build_loss(LossConfig(name="dice_bce", label_weights=[1.0, 2.0, 3.0]))
+    before = plain(logits, target, annotated)
+    assert torch.equal(plain(logits, target, annotated), before)
+    assert plain.running_dice.numel() == 0 and plain.dice_updates.numel() == 0
+    dynamic = _dynamic(name="dice_bce", label_weights=[1.0, 2.0, 3.0]).eval()
+    assert torch.equal(dynamic(logits, target, annotated), before)  # eval: no update, no running values yet
+    assert dynamic.running_dice.numel() == 0
+    dynamic.train()(logits, target, annotated)
+    frozen = dynamic.running_dice.clone()
+    dynamic.eval()(*_batch(seed=16))
+    assert torch.equal(dynamic.running_dice, frozen)
+
+
+def test_unannotated_pairs_do_not_move_the_running_dice():
+    logits, target = _batch(seed=17)
+    annotated = torch.tensor([[True, False, False], [True, True, False]])
+    loss, other = _dynamic(), _dynamic()
+    loss(logits, target, annotated)
+    scrambled = logits.clone()
+    scrambled[~annotated] = -scrambled[~annotated]  # change only the unannotated pairs
+    other(scrambled, target, annotated)
+    assert torch.equal(loss.running_dice, other.running_dice)
+    assert loss.dice_updates.tolist() == [1, 1, 0] and loss.running_dice[2].item() == 0.0
+    only_second = 1 - build_loss(LossConfig())(logits[1:, 1:2], target[1:, 1:2])
+    assert loss.running_dice[1].item() == pytest.approx(only_second.item(), rel=1e-6)
+
+
+def test_running_dice_survives_a_state_dict_round_trip(tmp_path):
+    loss = _dynamic(name="dice_focal")
+    loss(*_batch(seed=18))
+    torch.save(loss.state_dict(), tmp_path / "loss.pt")
+    restored = _dynamic(name="dice_focal")
+    restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=True))
+    assert torch.equal(restored.running_dice, loss.running_dice)
+    assert torch.equal(restored.dice_updates, loss.dice_updates)
+    logits, target = _batch(seed=19)
+    assert torch.equal(restored(logits, target), loss(logits, target))
+    assert torch.equal(restored.running_dice, loss.running_dice)
+    fresh = _dynamic(name="dice_focal")
+    fresh.load_state_dict(build_loss(LossConfig()).state_dict())  # a run without dynamic weights: empty state
+    assert fresh.running_dice.numel() == 0

@@ -202,6 +202,8 @@ class LossConfig:
     topk_percent: float = 10.0  # TopK term: BCE averaged over the hardest k% voxels
     second_weight: float = 1.0  # weight of the term added to Dice
     label_weights: list[float] | None = None  # per-label weights (null = equal), e.g. a larger lesion weight
+    dynamic_weights: bool = False  # also weight each label by its running (1 - soft Dice), mean 1 (hard labels gain)
+    dynamic_momentum: float = 0.9  # smoothing of the running soft Dice per label (per training step)
 
     def validate(self, prefix: str = "train.loss.") -> None:
         if not 0.0 <= self.focal_alpha <= 1.0:
@@ -210,6 +212,8 @@ class LossConfig:
             raise ConfigError(f"'{prefix}topk_percent' must be in (0, 100], got {self.topk_percent}")
         if self.label_weights is not None and min(self.label_weights) < 0:
             raise ConfigError(f"'{prefix}label_weights' must be >= 0, got {self.label_weights}")
+        if not 0.0 <= self.dynamic_momentum < 1.0:
+            raise ConfigError(f"'{prefix}dynamic_momentum' must be in [0, 1), got {self.dynamic_momentum}")
 
 
 @dataclass
@@ -243,6 +247,8 @@ class TrainConfig:
     lesion_label: int | None = None  # label id whose cases are oversampled (e.g. 14)
     lesion_oversample: int = 1  # each case with that label appears this many times per epoch
     fine_margin_jitter_mm: float = 20.0  # fine crops use margin prepare.fine.margin_mm +- this, per side
+    label_groups: list[list[int]] | None = None  # network class k = union of these label ids; null = one per label
+    foreground_patch_p: float = 0.33  # fixed-spacing stages: share of patches centred on a foreground voxel
     time_budget_minutes: float | None = None  # stop after the epoch that reaches this much training time
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
     progress: bool = True  # progress bar on rank 0
@@ -263,6 +269,12 @@ class TrainConfig:
             raise ConfigError(f"'{prefix}step_milestones' and '{prefix}step_factors' must have the same length")
         if self.fine_margin_jitter_mm < 0:
             raise ConfigError(f"'{prefix}fine_margin_jitter_mm' must be >= 0, got {self.fine_margin_jitter_mm}")
+        if self.label_groups is not None and (not self.label_groups or not all(self.label_groups)):
+            raise ConfigError(
+                f"'{prefix}label_groups' must list non-empty groups of label ids, got {self.label_groups}"
+            )
+        if not 0.0 <= self.foreground_patch_p <= 1.0:
+            raise ConfigError(f"'{prefix}foreground_patch_p' is a probability in [0, 1], got {self.foreground_patch_p}")
         self.augment.validate(f"{prefix}augment.")
         self.loss.validate(f"{prefix}loss.")
 
@@ -285,11 +297,30 @@ class SemiSupervisedConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: a trained teacher's soft outputs train this (usually smaller) student."""
+
+    enabled: bool = False  # add the distillation term to the supervised loss
+    teacher: Path | None = None  # teacher checkpoint (same labels; any architecture)
+    weight: float = 0.5  # alpha: loss = (1 - alpha) SegLoss(labels) + alpha T^2 BCE(student / T, sigmoid(teacher / T))
+    temperature: float = 2.0  # T: softens both sigmoids
+
+    def validate(self, prefix: str = "distill.") -> None:
+        if self.enabled and self.teacher is None:
+            raise ConfigError(f"'{prefix}enabled' is true but '{prefix}teacher' names no checkpoint")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"'{prefix}weight' must be in [0, 1], got {self.weight}")
+        if self.temperature <= 0:
+            raise ConfigError(f"'{prefix}temperature' must be > 0, got {self.temperature}")
+
+
+@dataclass
 class PredictConfig:
     """Inference: coarse model -> organ box -> fine model -> post-processing, on the GPU or the CPU."""
 
     coarse: Path | None = None  # coarse checkpoint (its config comes from the checkpoint)
     fine: Path | None = None  # fine checkpoint
+    stages: list[Path] | None = None  # any chain instead: first = ROI (whole volume), the rest segment inside it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     threads: int | None = None  # CPU threads for torch (null = all cores)
@@ -297,12 +328,17 @@ class PredictConfig:
     coarse_min_volume_mm3: float = 1000.0  # coarse components smaller than this are dropped (the largest stays)
     fine_min_volume_mm3: float = 2000.0  # fine components smaller than this are dropped (the largest stays)
     keep_components: int = 1  # connected components kept per label (largest first)
-    keep_components_per_label: dict[int, int] | None = None  # overrides by label id, e.g. {2: 2} for merged kidneys
+    keep_components_per_label: dict[int, int] | None = None  # by label id, e.g. {2: 2}; 0 = keep all (lesions)
+    window_overlap: float = 0.25  # fixed-spacing stages: overlap of the sliding-window patches (fraction per axis)
     png: bool = False  # also write <case>.png: axial and coronal slices with the predicted contours
 
     def validate(self, prefix: str = "predict.") -> None:
-        if self.keep_components < 1 or any(k < 1 for k in (self.keep_components_per_label or {}).values()):
-            raise ConfigError(f"'{prefix}keep_components' (and its per-label overrides) must be >= 1")
+        if self.keep_components < 1 or any(k < 0 for k in (self.keep_components_per_label or {}).values()):
+            raise ConfigError(f"'{prefix}keep_components' must be >= 1 (per-label overrides >= 0, 0 = keep all)")
+        if not 0.0 <= self.window_overlap < 1.0:
+            raise ConfigError(f"'{prefix}window_overlap' must be in [0, 1), got {self.window_overlap}")
+        if self.stages is not None and not self.stages:
+            raise ConfigError(f"'{prefix}stages' must list at least one checkpoint (or be null)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"'{prefix}threads' must be >= 1 (or null), got {self.threads}")
         for key in ("margin_mm", "coarse_min_volume_mm3", "fine_min_volume_mm3"):
@@ -319,6 +355,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
     def validate(self) -> Config:
@@ -327,11 +364,23 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.semi_supervised.validate()
+        self.distill.validate()
+        if self.distill.enabled and self.semi_supervised.enabled:
+            raise ConfigError("'distill.enabled' and 'semi_supervised.enabled' cannot both be true")
         self.predict.validate()
         for source, target in (self.prepare.label_map or {}).items():
             if target > len(self.data.labels):
                 raise ConfigError(
                     f"'prepare.label_map' maps {source} -> {target}, but data.labels has {len(self.data.labels)} names"
+                )
+        groups = self.train.label_groups
+        if groups is not None:
+            bad = [i for group in groups for i in group if not 1 <= i <= len(self.data.labels)]
+            if bad:
+                raise ConfigError(f"'train.label_groups' names label ids {bad} outside 1..{len(self.data.labels)}")
+            if self.model.num_classes is not None and self.model.num_classes != len(groups):
+                raise ConfigError(
+                    f"'model.num_classes' is {self.model.num_classes} but 'train.label_groups' has {len(groups)} groups"
                 )
         weights = self.train.loss.label_weights
         if weights is not None and len(weights) != self.num_classes:
@@ -340,5 +389,29 @@ class Config:
 
     @property
     def num_classes(self) -> int:
-        """Network outputs: model.num_classes, or one per data label."""
-        return self.model.num_classes if self.model.num_classes is not None else len(self.data.labels)
+        """Network outputs: model.num_classes, else one per train.label_groups group, else one per data label."""
+        if self.model.num_classes is not None:
+            return self.model.num_classes
+        groups = self.train.label_groups
+        return len(groups) if groups is not None else len(self.data.labels)
+
+    def uses_patches(self, stage: str) -> bool:
+        """Whether `stage` ("coarse"/"fine") keeps a fixed spacing and runs on model.input_size patches (training
+        samples one, inference tiles the volume) instead of resizing its arrays to model.input_size."""
+        return getattr(self.prepare, stage).spacing is not None
+
+    @property
+    def class_label_groups(self) -> list[list[int]]:
+        """The label ids each network class stands for: train.label_groups, or class k = label k + 1."""
+        if self.train.label_groups is not None:
+            return [list(group) for group in self.train.label_groups]
+        return [[k + 1] for k in range(self.num_classes)]
+
+    @property
+    def class_names(self) -> list[str]:
+        """A name per network class: the label's name, or the member names joined by '+' for a group."""
+        names = []
+        for group in self.class_label_groups:
+            members = [self.data.labels[i - 1] if 1 <= i <= len(self.data.labels) else f"label_{i}" for i in group]
+            names.append("+".join(members) if len(members) <= 3 else f"{members[0]}+{len(members) - 1}_more")
+        return names

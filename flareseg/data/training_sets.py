@@ -1,6 +1,7 @@
 """Training and validation samples over prepared arrays.
 
-Every item is a dict: "image" float32 (1, D, H, W), HU-windowed and z-scored; "label" uint8 (D, H, W) label ids;
+Every item is a dict: "image" float32 (1, D, H, W), HU-windowed and z-scored; "label" uint8 (D, H, W) network
+class ids (label ids, or the train.label_groups they fall in; 0 = background);
 "annotated" bool (C,) (partial labels: which labels this case annotates); "case_id".
 
 Training items are random but reproducible: item k of epoch e draws all its randomness from a generator seeded
@@ -22,6 +23,7 @@ from flareseg.data.augment import Augmenter
 from flareseg.data.crop import Box
 from flareseg.data.index import CaseIndex
 from flareseg.data.intensity import window_and_zscore
+from flareseg.data.patches import patch_box, take_patch
 from flareseg.data.resample import resize_image, resize_label
 
 Stage = str  # "coarse" | "fine"
@@ -35,6 +37,8 @@ class _PreparedSamples(Dataset):
         self.window = config.data.hu_window
         self.size = tuple(config.model.input_size)
         self.label_mode = config.prepare.label_resampling
+        self.groups = config.class_label_groups
+        self.class_of_label = _class_lookup(self.groups)
         missing = [case_id for case_id in self.case_ids if case_id not in self.index]
         if missing:
             raise KeyError(f"cases not in the index {self.index.path}: {', '.join(missing[:10])}")
@@ -42,13 +46,21 @@ class _PreparedSamples(Dataset):
     def _array(self, record: dict, name: str) -> np.ndarray:
         return np.load(self.index.array_path(record, name), mmap_mode="r")
 
-    def _item(self, record: dict, image: torch.Tensor, label: torch.Tensor) -> dict:
-        annotated = torch.zeros(self.num_labels, dtype=torch.bool)
-        annotated[[i - 1 for i in record["annotated"] if i <= self.num_labels]] = True
+    def _item(self, record: dict, image: torch.Tensor, label: torch.Tensor, stats=None) -> dict:
+        """The item dict; labels become network classes (train.label_groups), annotated per class.
+
+        The image is windowed and z-scored with its own statistics, or with `stats` (mean, std of the windowed
+        volume a patch came from, so that patches are normalised as inference normalises the whole volume)."""
+        annotated_ids = set(record["annotated"])
+        annotated = torch.tensor([all(i in annotated_ids for i in group) for group in self.groups], dtype=torch.bool)
+        if stats is None:
+            image = window_and_zscore(image, self.window)
+        else:
+            image = (image.clamp(*self.window) - stats[0]) / stats[1]
         return {
             "case_id": record["case_id"],
-            "image": window_and_zscore(image, self.window)[None],
-            "label": label,
+            "image": image[None],
+            "label": self.class_of_label[label.long()],
             "annotated": annotated,
         }
 
@@ -60,6 +72,8 @@ class TrainingSamples(_PreparedSamples):
     fine: the label box plus a margin of prepare.fine.margin_mm +- train.fine_margin_jitter_mm (uniform and
     independent on each of the six faces, symmetric, never below 0), cut from the fine training source,
     resized to model.input_size, augmented.
+    Fixed-spacing stages (prepare.<stage>.spacing) are not resized: a model.input_size patch is drawn from the
+    volume or crop instead (see flareseg.data.patches), normalised with the statistics of the whole of it.
     """
 
     def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage, length: int | None = None):
@@ -71,6 +85,8 @@ class TrainingSamples(_PreparedSamples):
         self.margin_mm = config.prepare.fine.margin_mm
         self.jitter_mm = train.fine_margin_jitter_mm
         self.augment = Augmenter(train.augment)
+        self.patches = config.uses_patches(stage)
+        self.foreground_p = train.foreground_patch_p
         plan = []
         for case_id in self.case_ids:
             record = self.index.get(case_id)
@@ -91,15 +107,24 @@ class TrainingSamples(_PreparedSamples):
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k))
         record = self.index.get(self.plan[k])
         image, label, spacing = self._fine_crop(record, generator) if self.stage == "fine" else self._coarse(record)
+        stats = None
+        if self.patches:  # fixed spacing: normalise like the whole volume, then one input_size patch of it
+            std, mean = torch.std_mean(image.clamp(*self.window), unbiased=False)
+            stats = (float(mean), max(float(std), 1e-6))
+            lo, hi = patch_box(
+                tuple(image.shape), self.size, self.class_of_label[label.long()], self.foreground_p, generator
+            )
+            image, label = take_patch(image, lo, hi, self.window[0]), take_patch(label, lo, hi, 0)
         if self.augment.enabled:
             image, label = self.augment(image, label, generator, spacing=spacing)
-        return self._item(record, image, label)
+        return self._item(record, image, label, stats)
 
     def _coarse(self, record: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
         image = torch.from_numpy(np.array(self._array(record, "coarse_image"), dtype=np.float32))
         label = torch.from_numpy(np.array(self._array(record, "coarse_label")))
-        spacing = _spacing_after_resize(record["coarse_geometry"]["spacing"], image.shape, self.size)
-        if tuple(image.shape) != self.size:
+        spacing = tuple(record["coarse_geometry"]["spacing"])
+        if not self.patches and tuple(image.shape) != self.size:
+            spacing = _spacing_after_resize(spacing, image.shape, self.size)
             image, label = resize_image(image, self.size), resize_label(label, self.size, self.label_mode)
         return image, label, spacing
 
@@ -118,6 +143,8 @@ class TrainingSamples(_PreparedSamples):
         )
         crop_image = torch.from_numpy(np.array(image[box.slices], dtype=np.float32))
         crop_label = torch.from_numpy(np.array(label[box.slices]))
+        if self.patches:
+            return crop_image, crop_label, tuple(source["geometry"]["spacing"])
         spacing = _spacing_after_resize(source["geometry"]["spacing"], box.shape, self.size)
         return resize_image(crop_image, self.size), resize_label(crop_label, self.size, self.label_mode), spacing
 
@@ -133,6 +160,7 @@ class UnlabeledSamples(_PreparedSamples):
             raise ValueError("semi-supervised training needs unlabeled cases in the index (flareseg prepare -u DIR)")
         self.stage, self.seed, self.epoch = stage, config.train.seed, 0
         self.augment = Augmenter(config.train.augment)
+        self.patches = config.uses_patches(stage)
         self.plan = [self.case_ids[k % len(self.case_ids)] for k in range(length)]
 
     def set_epoch(self, epoch: int) -> None:
@@ -145,12 +173,18 @@ class UnlabeledSamples(_PreparedSamples):
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k, 1))
         record = self.index.get(self.plan[k])
         image = torch.from_numpy(np.array(self._array(record, f"{self.stage}_image"), dtype=np.float32))
-        if tuple(image.shape) != self.size:
+        stats = None
+        if self.patches:
+            std, mean = torch.std_mean(image.clamp(*self.window), unbiased=False)
+            stats = (float(mean), max(float(std), 1e-6))
+            lo, hi = patch_box(tuple(image.shape), self.size, torch.zeros(1), 0.0, generator)
+            image = take_patch(image, lo, hi, self.window[0])
+        elif tuple(image.shape) != self.size:
             image = resize_image(image, self.size)
         label = torch.zeros(image.shape, dtype=torch.uint8)
         if self.augment.enabled:
             image, label = self.augment(image, label, generator)
-        item = self._item(record, image, label)
+        item = self._item(record, image, label, stats)
         item["annotated"][:] = False
         return item
 
@@ -186,6 +220,14 @@ def _jittered_box(foreground: Box, spacing, shape, margin_mm: float, jitter_mm: 
 def _spacing_after_resize(spacing, shape, size) -> tuple[float, ...]:
     """Voxel size (mm) after a corner-aligned resize of `shape` voxels of `spacing` to `size` voxels."""
     return tuple(s * (n - 1) / (m - 1) if m > 1 else s for s, n, m in zip(spacing, shape, size))
+
+
+def _class_lookup(groups: list[list[int]]) -> torch.Tensor:
+    """A table label id (0..255) -> network class (1..C, 0 = background); a label in two groups keeps the first."""
+    table = torch.zeros(256, dtype=torch.uint8)
+    for k in reversed(range(len(groups))):
+        table[groups[k]] = k + 1
+    return table
 
 
 def _mix(*values: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -22,6 +23,7 @@ from flareseg.data.training_sets import UnlabeledSamples
 from flareseg.engine.checkpoint import BEST, LATEST, save_checkpoint, unwrap
 from flareseg.engine.optim import build_optimizer, set_learning_rate
 from flareseg.engine.trainer import Trainer
+from flareseg.losses import build_loss
 from flareseg.models import build_model
 from flareseg.models.runtime import autocast
 
@@ -59,7 +61,9 @@ class CrossPseudoSupervisionTrainer(Trainer):
             shuffle=True,
             seed=self.settings.seed + 1,
         )
-        self.pseudo_annotated = None
+        # the pseudo-label term: the same loss, but its own instance, so that pseudo-labels never move the running
+        # per-label Dice of dynamic weights (train.loss.dynamic_weights), which reflects the true labels only
+        self.pseudo_loss = build_loss(replace(self.settings.loss, dynamic_weights=False)).to(self.device)
 
     def _start_epoch(self) -> None:
         set_learning_rate(self.optimizer_b, self.settings, self.epoch)
@@ -88,8 +92,10 @@ class CrossPseudoSupervisionTrainer(Trainer):
         everything = torch.ones(both.shape[0], target.shape[1], dtype=torch.bool, device=self.device)
         pseudo_a, pseudo_b = logits_a.detach() > 0, logits_b.detach() > 0  # sigmoid > 0.5 per label
         weight = self.cps_weight()
-        loss_a = self.loss(logits_a[:labeled], target, annotated) + weight * self.loss(logits_a, pseudo_b, everything)
-        loss_b = self.loss(logits_b[:labeled], target, annotated) + weight * self.loss(logits_b, pseudo_a, everything)
+        cross_a = self.pseudo_loss(logits_a, pseudo_b, everything)
+        cross_b = self.pseudo_loss(logits_b, pseudo_a, everything)
+        loss_a = self.loss(logits_a[:labeled], target, annotated) + weight * cross_a
+        loss_b = self.loss(logits_b[:labeled], target, annotated) + weight * cross_b
         loss = loss_a + loss_b
         self._check_loss(loss, batch)
         self._optimize(loss, [(self.model, self.optimizer), (self.model_b, self.optimizer_b)])

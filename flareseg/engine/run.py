@@ -22,6 +22,10 @@ def train(config: Config, device: str = "auto") -> list[dict]:
             from flareseg.engine.cps import CrossPseudoSupervisionTrainer
 
             return CrossPseudoSupervisionTrainer(config, context).fit()
+        if config.distill.enabled:
+            from flareseg.engine.distill import DistillationTrainer
+
+            return DistillationTrainer(config, context).fit()
         return Trainer(config, context).fit()
     finally:
         cleanup_distributed()

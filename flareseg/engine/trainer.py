@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from flareseg.config import Config, ConfigError, save_config, to_plain
 from flareseg.data.index import CaseIndex
+from flareseg.data.patches import sliding_window
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
 from flareseg.engine.checkpoint import BEST, LATEST, load_checkpoint, load_pretrained, save_checkpoint, unwrap
 from flareseg.engine.distributed import DistributedContext, any_process, barrier, mean_over_processes
@@ -63,7 +64,9 @@ class Trainer:
         self.loss = build_loss(self.settings.loss).to(self.device)
         self.label_ids = torch.arange(1, config.num_classes + 1, device=self.device).view(1, -1, 1, 1, 1)
 
-        train_ids, val_ids = _split(CaseIndex(self.data_dir / "index.lmdb"), self.settings.fold)
+        index = CaseIndex(self.data_dir / "index.lmdb")
+        _adopt_prepared_settings(config, index)
+        train_ids, val_ids = _split(index, self.settings.fold)
         length = None
         if self.settings.iterations_per_epoch is not None:
             length = self.settings.iterations_per_epoch * self.settings.batch_size * context.world_size
@@ -224,13 +227,16 @@ class Trainer:
             image = item["image"].to(self.device)
             target = item["label"].to(self.device).unsqueeze(1) == self.label_ids
             with autocast(self.device, self.precision):
-                logits = model(image)
+                if self.config.uses_patches(self.settings.stage):  # fixed spacing: tile the volume as inference does
+                    logits = sliding_window(model, image, self.config.model.input_size, 0.25, float(image.min()))
+                else:
+                    logits = model(image)
             dice = hard_dice(logits.float() > 0, target)[0].cpu().double()  # sigmoid > 0.5 <=> logit > 0
             annotated = item["annotated"][0].double()
             per_label_sum += dice * annotated
             per_label_count += annotated
         means = (per_label_sum / per_label_count.clamp_min(1)).tolist()
-        names = self.config.data.labels[: self.config.num_classes]
+        names = self.config.class_names
         organs = {name: means[i] for i, name in enumerate(names) if per_label_count[i] > 0}
         return {"val_dice_mean": sum(organs.values()) / max(len(organs), 1), "val_dice": organs}
 
@@ -269,6 +275,7 @@ class Trainer:
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "loss": self.loss.state_dict(),  # running per-label Dice of dynamic loss weights (else empty)
             "epoch": self.epoch,
             "best_val_dice_mean": self.best_dice,
             "elapsed_seconds": self.elapsed_seconds,
@@ -283,6 +290,8 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if "loss" in state:  # older checkpoints have no loss state
+            self.loss.load_state_dict(state["loss"])
         self.epoch, self.best_dice = state["epoch"], state["best_val_dice_mean"]
         self.elapsed_seconds = state["elapsed_seconds"]
         self._restore_extra(state)
@@ -306,6 +315,30 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def _adopt_prepared_settings(config: Config, index: CaseIndex) -> None:
+    """The prepared data decides the stage grids (size or spacing) and the label resampling: they are copied into
+    the config, which every checkpoint stores, so inference resamples exactly as the training data was. Labels that
+    the prepared data numbers differently would silently be renamed, so that is an error (extra labels at the end
+    are fine: no prepared case annotates them)."""
+    settings = (index.meta("__meta__") or {}).get("settings")
+    if settings is None:
+        return
+    prepared, own = settings["data.labels"], list(config.data.labels)
+    if any(a != b for a, b in zip(prepared, own)):
+        raise ConfigError(
+            f"{index.path} was prepared with data.labels {prepared}, but this config has {own}: the same id would "
+            "name different labels; use the prepared labels (extra labels at the end are allowed) or prepare again"
+        )
+    for stage in ("coarse", "fine"):
+        stored = settings[f"prepare.{stage}"]
+        grid = getattr(config.prepare, stage)
+        grid.size = None if stored["size"] is None else tuple(stored["size"])
+        grid.spacing = None if stored["spacing"] is None else tuple(stored["spacing"])
+        if "margin_mm" in stored:
+            grid.margin_mm = stored["margin_mm"]
+    config.prepare.label_resampling = settings["prepare.label_resampling"]
 
 
 def _split(index: CaseIndex, fold: int) -> tuple[list[str], list[str]]:

@@ -15,7 +15,7 @@ def keep_components(
 ) -> np.ndarray:
     """Per label, keep the `keep` (or `keep_per_label[label]`) largest connected components (26-connectivity) of at
     least `min_volume_mm3`; the largest component of each label is always kept, so a small organ is never erased.
-    In place; returns it."""
+    A count of 0 leaves that label untouched (every component, any size: lesions). In place; returns it."""
     voxel_mm3 = math.prod(spacing)
     structure = np.ones((3, 3, 3), dtype=bool)
     for value, box in enumerate(ndimage.find_objects(label_map), start=1):
@@ -29,6 +29,8 @@ def keep_components(
         sizes = np.bincount(components.ravel())[1:]
         order = np.argsort(sizes)[::-1]
         count_kept = (keep_per_label or {}).get(value, keep)
+        if count_kept == 0:  # keep every component (e.g. lesions)
+            continue
         kept = [order[0]] + [i for i in order[1:count_kept] if sizes[i] * voxel_mm3 >= min_volume_mm3]
         survivors = np.zeros(count + 1, dtype=bool)
         survivors[np.asarray(kept) + 1] = True

@@ -1,7 +1,7 @@
 """The predictor: one CT in, its label map out, with the input's exact geometry.
 
-    read -> reorient -> coarse model on the whole volume (resize, window, z-score on the device) -> components
-    -> box of all organs + margin (mm) -> fine model on that crop of the original-resolution image
+    read -> reorient -> ROI (coarse) model on the whole volume (resize, window, z-score on the device) -> components
+    -> box of all organs + margin (mm) -> fine model(s) on that crop of the original-resolution image
     -> label map back to crop size -> components -> paste -> undo the reorientation -> write
 
 Full-resolution multi-channel float maps are never built: labels are decided at the model's resolution and only
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from flareseg.config.schema import PredictConfig
-from flareseg.data.crop import expand_box_mm
+from flareseg.data.crop import Box, expand_box_mm
 from flareseg.data.resample import resampled_geometry, resize_label
 from flareseg.inference.postprocess import box_to_source, foreground_box, keep_components
 from flareseg.inference.stage_model import StageModel
@@ -38,7 +38,7 @@ class CaseTimings:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.perf_counter()
-        self.steps[step] = now - self._last
+        self.steps[step] = self.steps.get(step, 0.0) + now - self._last  # repeated steps (several fine stages) add up
         self._last = now
 
 
@@ -49,11 +49,23 @@ def _case_stem(path: str | os.PathLike) -> str:
 
 
 class Predictor:
-    """Coarse + fine checkpoints on one device; `predict_file` runs one case end to end."""
+    """A chain of stage checkpoints on one device; `predict_file` runs one case end to end.
+
+    predict.stages lists the chain (predict.coarse + predict.fine is the two-stage shorthand). With one stage it
+    segments the whole volume. With more, the first finds the region of interest (its components are filtered, and
+    the box of what remains plus predict.margin_mm is cut from the original-resolution image) and every later stage
+    segments that crop; a later stage's labels overwrite earlier ones where it finds foreground (organs, then
+    lesions). Each stage runs on its own grid (fixed size, or fixed spacing with sliding windows).
+    """
 
     def __init__(self, settings: PredictConfig):
-        if settings.coarse is None or settings.fine is None:
-            raise FileNotFoundError("predict.coarse and predict.fine must name checkpoints (--coarse, --fine)")
+        paths = settings.stages
+        if paths is None:
+            if settings.coarse is None or settings.fine is None:
+                raise FileNotFoundError(
+                    "predict.coarse and predict.fine (or predict.stages) must name checkpoints (--coarse, --fine)"
+                )
+            paths = [settings.coarse, settings.fine]
         self.settings = settings
         self.device = resolve_device(settings.device)
         if settings.threads is not None:
@@ -61,13 +73,15 @@ class Predictor:
         precision = settings.precision
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
-        self.coarse = StageModel(settings.coarse, self.device, precision)
-        self.fine = StageModel(settings.fine, self.device, precision)
-        if self.coarse.labels != self.fine.labels:
-            raise ValueError(
-                f"the coarse and fine checkpoints segment different labels: {self.coarse.labels} vs {self.fine.labels}"
-            )
-        self.labels = self.fine.labels
+        stages = [StageModel(path, self.device, precision, settings.window_overlap) for path in paths]
+        self.roi, self.segmenters = (None, stages) if len(stages) == 1 else (stages[0], stages[1:])
+        for stage in self.segmenters[1:]:
+            if stage.label_names != self.segmenters[0].label_names:
+                raise ValueError(
+                    f"{stage.path} numbers its labels {stage.label_names}, but {self.segmenters[0].path} numbers them "
+                    f"{self.segmenters[0].label_names}: the segmenting stages must share data.labels"
+                )
+        self.labels = self.segmenters[0].label_names  # names of the output label ids 1..N
 
     def predict_file(self, image_path: str | os.PathLike, out_path: str | os.PathLike) -> CaseTimings:
         """Segment one image file or DICOM folder and write the label map (uint8) atomically to `out_path`."""
@@ -90,38 +104,38 @@ class Predictor:
         timings = timings or CaseTimings()
         image_c, canonical, plan = to_canonical(image, geometry)
         volume = torch.from_numpy(np.ascontiguousarray(image_c)).to(self.device)
-
-        coarse = self.coarse.label_map(volume).cpu().numpy()
-        coarse_spacing = resampled_geometry(canonical, coarse.shape).spacing
-        keep_components(
-            coarse,
-            coarse_spacing,
-            self.settings.coarse_min_volume_mm3,
-            self.settings.keep_components,
-            self.settings.keep_components_per_label,
-        )
-        timings.lap("coarse", self.device)
-
         labels_c = np.zeros(canonical.shape, dtype=np.uint8)
-        organs = foreground_box(coarse)
-        if organs is not None:
-            box = box_to_source(organs, coarse.shape, canonical.shape)
-            box = expand_box_mm(box, self.settings.margin_mm, canonical.spacing, canonical.shape)
-            timings.lap("box", self.device)
-            fine = self.fine.label_map(volume[box.slices])
-            fine = resize_label(fine, box.shape, "per_label").cpu().numpy()
-            timings.lap("fine", self.device)
-            keep_components(
-                fine,
-                canonical.spacing,
-                self.settings.fine_min_volume_mm3,
-                self.settings.keep_components,
-                self.settings.keep_components_per_label,
-            )
-            labels_c[box.slices] = fine
-        else:
-            timings.lap("box", self.device)
-            timings.lap("fine", self.device)
+        region = self._region_of_interest(volume, canonical, timings)
+        if region is not None:
+            crop, target = volume[region.slices], labels_c[region.slices]
+            for stage in self.segmenters:
+                labels = stage.label_map(crop, canonical.spacing)
+                labels = resize_label(labels, region.shape, "per_label").cpu().numpy()
+                self._filter(labels, canonical.spacing, self.settings.fine_min_volume_mm3)
+                np.copyto(target, labels, where=labels > 0)
+                timings.lap("fine", self.device)
         label, _ = from_canonical(labels_c, plan)
         timings.lap("postprocess", self.device)
         return np.ascontiguousarray(label)
+
+    def _region_of_interest(self, volume: torch.Tensor, canonical: Geometry, timings: CaseTimings) -> Box | None:
+        """The box the segmenting stages work in: the whole volume, or the ROI stage's finding + margin (None if
+        it finds nothing)."""
+        if self.roi is None:
+            return Box((0, 0, 0), tuple(canonical.shape))
+        found = self.roi.label_map(volume, canonical.spacing, regions=True).cpu().numpy()
+        grouped = {group[0]: 10**6 for group in self.roi.groups if len(group) > 1}  # a merged ROI: every component
+        self._filter(
+            found, resampled_geometry(canonical, found.shape).spacing, self.settings.coarse_min_volume_mm3, grouped
+        )
+        timings.lap("coarse", self.device)
+        box = foreground_box(found)
+        if box is not None:
+            box = box_to_source(box, found.shape, canonical.shape)
+            box = expand_box_mm(box, self.settings.margin_mm, canonical.spacing, canonical.shape)
+        timings.lap("box", self.device)
+        return box
+
+    def _filter(self, labels: np.ndarray, spacing, min_volume_mm3: float, extra: dict | None = None) -> None:
+        per_label = {**(self.settings.keep_components_per_label or {}), **(extra or {})}
+        keep_components(labels, spacing, min_volume_mm3, self.settings.keep_components, per_label)

@@ -10,43 +10,73 @@ import torch
 from flareseg.config import Config, ConfigError
 from flareseg.config.loader import build_config
 from flareseg.data.intensity import window_and_zscore
-from flareseg.data.resample import resize_image
+from flareseg.data.patches import sliding_window
+from flareseg.data.resample import resize_image, size_for_spacing
 from flareseg.engine.checkpoint import load_checkpoint
 from flareseg.models import build_model
 from flareseg.models.runtime import autocast
 
 
 class StageModel:
-    """One stage: its config (from the checkpoint), network, input size and HU window."""
+    """One stage: its config (from the checkpoint), network, grid, HU window and output label ids.
 
-    def __init__(self, checkpoint: str | os.PathLike, device: torch.device, precision: str):
+    The grid is the stage's prepared one: a fixed size (the volume is resized to model.input_size and run in one
+    pass) or a fixed spacing (the volume is resampled to that spacing and tiled with model.input_size patches).
+    Network class k is written as label id `class_ids[k]`: its train.label_groups group's id (k + 1 without
+    groups), so a lesion model trained on group [14] writes 14. A group that merges several labels is a region,
+    not a label: a ROI stage finds its box with it (as the group's first id), a segmenting stage does not write it
+    (a lesion model trained on [[14], [1, ..., 13]] learns the organs as context and writes only 14).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, device: torch.device, precision: str, overlap: float = 0.25):
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         state = load_checkpoint(path)
         if "config" not in state or "model" not in state:
             raise ConfigError(f"{path} is not a flareseg checkpoint (it needs 'model' and 'config')")
+        self.path = path
         self.config: Config = build_config(Config, state["config"], path.parent).validate()
         self.model = build_model(self.config)
         self.model.load_state_dict(state["model"])
         self.model.eval().to(device)
-        if self.config.model.channels_last:
+        self.channels_last = self.config.model.channels_last
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.overlap = device, precision, overlap
         self.input_size = tuple(self.config.model.input_size)
+        self.spacing = getattr(self.config.prepare, self.config.train.stage).spacing  # None: fixed size
         self.window = self.config.data.hu_window
-        self.labels = list(self.config.data.labels)[: self.config.num_classes]
+        self.groups = self.config.class_label_groups
+        self.labels = self.config.class_names  # one name per network class
+        self.label_names = list(self.config.data.labels)  # names of the output label ids 1..N
+        self.region_ids = torch.tensor([0] + [group[0] for group in self.groups], dtype=torch.uint8, device=device)
+        written = [group[0] if len(group) == 1 else 0 for group in self.groups]
+        self.class_ids = torch.tensor([0, *written], dtype=torch.uint8, device=device)
+
+    def grid_size(self, shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[int, int, int]:
+        """The voxel grid the network sees for a volume of `shape` voxels of `spacing` mm."""
+        if self.spacing is None:
+            return self.input_size
+        return size_for_spacing(tuple(shape), tuple(spacing), tuple(self.spacing))
 
     @torch.inference_mode()
-    def label_map(self, volume: torch.Tensor) -> torch.Tensor:
-        """Label ids (uint8, at the model's input size) of a raw-HU [z, y, x] volume on the device.
+    def label_map(self, volume: torch.Tensor, spacing: tuple[float, ...], regions: bool = False) -> torch.Tensor:
+        """Label ids (uint8, on `grid_size`) of a raw-HU [z, y, x] volume of `spacing` mm on the device.
 
-        A voxel takes the label with the highest logit among those whose sigmoid exceeds 0.5 (logit > 0).
+        A voxel takes the class with the highest logit among those whose sigmoid exceeds 0.5 (logit > 0). With
+        `regions`, merged groups count too (written as their first id): for finding the region of interest.
         """
-        image = window_and_zscore(resize_image(volume, self.input_size), self.window)[None, None]
-        if self.config.model.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
+        image = window_and_zscore(resize_image(volume, self.grid_size(volume.shape, spacing)), self.window)[None, None]
         with autocast(self.device, self.precision):
-            logits = self.model(image)[0]
+            if self.spacing is None:
+                logits = self._forward(image)[0]
+            else:
+                logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))[0]
         best, index = logits.max(dim=0)
-        return ((index + 1) * (best > 0)).to(torch.uint8)
+        return (self.region_ids if regions else self.class_ids)[(index + 1) * (best > 0)]
+
+    def _forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        return self.model(image)

@@ -1,0 +1,214 @@
+"""The FLARE23 cascade: label groups, fixed-spacing stages (patches in training, sliding windows in inference) and
+a predictor that runs any chain of stages (ROI -> organs -> lesions) from one predict config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flareseg.config import ConfigError, load_config
+from flareseg.data.patches import patch_box, sliding_window, take_patch, tile_starts
+from flareseg.data.phantom import write_phantom_dataset
+from flareseg.data.training_sets import TrainingSamples, ValidationSamples
+from flareseg.inference.predictor import Predictor
+from flareseg.io import Geometry, read_image
+from tests.tiny import prepare_tiny, train_tiny
+
+# liver, merged kidneys, spleen and lesions as ids 1..4
+CASCADE_LABELS = ["data.labels=[liver, kidney, spleen, lesion]", "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3, 14: 4}"]
+FINE_SPACING = "prepare.fine.spacing=[6.0, 6.0, 6.0]"
+
+
+# ---------------------------------------------------------------- patches and sliding windows
+def test_tile_starts_cover_the_axis_with_the_requested_overlap():
+    for length, size, overlap in ((100, 32, 0.25), (33, 32, 0.5), (32, 32, 0.25), (250, 64, 0.0)):
+        starts = tile_starts(length, size, overlap)
+        covered = np.zeros(length, bool)
+        for start in starts:
+            assert 0 <= start <= length - size
+            covered[start : start + size] = True
+        assert covered.all()
+        if len(starts) > 1:  # neighbours share at least the requested overlap (up to rounding)
+            assert max(b - a for a, b in zip(starts, starts[1:])) <= size * (1 - overlap) + 1
+    assert len(tile_starts(100, 32, 0.5)) > len(tile_starts(100, 32, 0.0))
+
+
+def test_sliding_window_of_a_pointwise_model_reproduces_its_input():
+    """A 1x1x1 identity convolution: every blended tile agrees, so the result is the input, padding removed."""
+    model = nn.Conv3d(1, 1, 1, bias=False)
+    nn.init.ones_(model.weight)
+    image = torch.randn(1, 1, 23, 41, 50)
+    with torch.no_grad():
+        out = sliding_window(model, image, (16, 16, 16), 0.25, fill=-5.0)
+    assert out.shape == image.shape
+    torch.testing.assert_close(out, image, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # smaller than one tile: padded, one pass, cropped back
+        small = torch.randn(1, 1, 7, 9, 11)
+        torch.testing.assert_close(sliding_window(model, small, (16, 16, 16), 0.25, fill=0.0), small)
+
+
+def test_foreground_patches_contain_the_rare_class():
+    classes = torch.zeros(60, 80, 80, dtype=torch.uint8)
+    classes[10:50, 10:70, 10:70] = 1  # a large organ
+    classes[55:57, 75:77, 2:4] = 2  # a tiny lesion near a corner
+    hits = {1: 0, 2: 0}
+    for seed in range(40):
+        lo, hi = patch_box(tuple(classes.shape), (16, 16, 16), classes, 1.0, torch.Generator().manual_seed(seed))
+        patch = take_patch(classes, lo, hi, 0)
+        assert patch.shape == (16, 16, 16)
+        for value in hits:
+            hits[value] += int((patch == value).any())
+    assert hits[2] >= 12, hits  # class-balanced: the lesion is the centre about half the time
+
+
+def test_patches_pad_arrays_smaller_than_the_patch():
+    volume = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(4, 5, 6)
+    lo, hi = patch_box(volume.shape, (8, 8, 8), torch.zeros(4, 5, 6), 0.0, torch.Generator().manual_seed(0))
+    patch = take_patch(volume, lo, hi, -1.0)
+    assert patch.shape == (8, 8, 8)
+    assert (patch == -1).sum() == 8**3 - volume.numel()
+    assert torch.equal(patch[patch >= 0].sort().values, volume.flatten())
+
+
+# ---------------------------------------------------------------- label groups
+def test_label_groups_set_the_classes_and_are_checked():
+    config = load_config(None, [*CASCADE_LABELS, "train.label_groups=[[1, 2, 3]]"])
+    assert config.num_classes == 1 and config.class_names == ["liver+kidney+spleen"]
+    config = load_config(None, [*CASCADE_LABELS, "train.label_groups=[[4]]"])
+    assert config.class_label_groups == [[4]] and config.class_names == ["lesion"]
+    with pytest.raises(ConfigError, match="label_groups"):
+        load_config(None, [*CASCADE_LABELS, "train.label_groups=[[5]]"])
+    with pytest.raises(ConfigError, match="label_groups"):
+        load_config(None, [*CASCADE_LABELS, "train.label_groups=[[1], [2]]", "model.num_classes=3"])
+
+
+@pytest.fixture(scope="module")
+def cascade_data(tmp_path_factory):
+    """Phantoms with lesions (one annotating no lesions), prepared with a fixed-spacing fine grid."""
+    root = tmp_path_factory.mktemp("cascade")
+    raw = root / "raw"
+    write_phantom_dataset(raw, 3, seed=5, shape=(40, 72, 72), lesions=True, orientation="identity")
+    (raw / "labelsTr" / "annotated.json").write_text('{"phantom_002": [1, 2, 3]}')  # no lesion annotation
+    data = prepare_tiny(raw, root / "data", *CASCADE_LABELS, "prepare.fine.size=null", FINE_SPACING)
+    return raw, data
+
+
+def test_training_items_follow_the_label_groups_and_the_patch_size(cascade_data):
+    _, data = cascade_data
+    config = load_config(
+        None,
+        [
+            *CASCADE_LABELS,
+            "prepare.fine.size=null",
+            FINE_SPACING,
+            "train.label_groups=[[4]]",
+            "model.input_size=[16,16,16]",
+            "train.foreground_patch_p=1.0",
+        ],
+    )
+    samples = TrainingSamples(data / "index.lmdb", ["phantom_000", "phantom_002"], config, "fine", length=6)
+    lesion_found = False
+    for k in range(6):
+        item = samples[k]
+        assert item["image"].shape == (1, 16, 16, 16)
+        assert set(item["label"].unique().tolist()) <= {0, 1}
+        assert item["annotated"].tolist() == [item["case_id"] != "phantom_002"]  # no lesion annotation: masked
+        lesion_found |= bool((item["label"] == 1).any())
+    assert lesion_found
+    stored = ValidationSamples(data / "index.lmdb", ["phantom_000"], config, "fine")[0]
+    assert stored["image"].shape[1:] != (16, 16, 16)  # fixed spacing: validation sees the whole stored crop
+    roi = load_config(None, [*CASCADE_LABELS, "train.label_groups=[[1, 2, 3]]"])
+    item = TrainingSamples(data / "index.lmdb", ["phantom_000"], roi, "coarse")[0]
+    assert set(item["label"].unique().tolist()) == {0, 1}
+
+
+# ---------------------------------------------------------------- the chain predictor
+class _FixedStage:
+    """A stand-in stage returning a fixed label map on its grid (to test the chain's own logic)."""
+
+    def __init__(self, labels: np.ndarray, groups, names):
+        self.labels_on_grid, self.groups, self.label_names, self.labels = labels, groups, names, names
+        self.path = "fixed"
+        self.seen: list[tuple] = []
+
+    def label_map(self, volume, spacing, regions=False):
+        self.seen.append(tuple(volume.shape))
+        return torch.from_numpy(self.labels_on_grid.copy())
+
+
+def test_chain_crops_to_the_roi_and_later_stages_overwrite(monkeypatch):
+    names = ["liver", "kidney", "spleen", "lesion"]
+    roi = np.zeros((10, 10, 10), np.uint8)
+    roi[2:6, 3:7, 4:8] = 1
+    roi[9, 9, 9] = 1  # a speck: a merged ROI keeps every component above the volume floor, this one is below
+    organs = np.zeros((8, 8, 8), np.uint8)
+    organs[1:7, 1:7, 1:7] = 1
+    lesion = np.zeros((8, 8, 8), np.uint8)
+    lesion[3:5, 3:5, 3:5] = 4  # a few voxels: lesions keep every component ({4: 0})
+    stages = {
+        "roi": _FixedStage(roi, [[1, 2, 3]], names),
+        "organs": _FixedStage(organs, [[1], [2], [3]], names),
+        "lesion": _FixedStage(lesion, [[4]], names),
+    }
+    monkeypatch.setattr("flareseg.inference.predictor.StageModel", lambda path, *a: stages[Path(path).name])
+    config = load_config(
+        None,
+        [
+            "predict.stages=[roi, organs, lesion]",
+            "predict.margin_mm=0",
+            "predict.coarse_min_volume_mm3=10",
+            "predict.keep_components_per_label={4: 0}",
+        ],
+    )
+    predictor = Predictor(config.predict)
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), (19, 19, 19))
+    out = predictor.predict_array(np.zeros((19, 19, 19), np.int16), geometry)
+    # the ROI box [2:6, 3:7, 4:8] on the 10^3 grid is [4:11, 6:13, 8:15] on the 19^3 grid (corner-aligned)
+    assert stages["organs"].seen == [(7, 7, 7)] and stages["lesion"].seen == [(7, 7, 7)]
+    assert out[:4].max() == 0 and out[11:].max() == 0  # nothing outside the box
+    assert set(np.unique(out).tolist()) == {0, 1, 4}
+    assert (out == 4).sum() >= 1  # the lesion overwrote the organ and survived the component filter
+
+
+def test_one_stage_chain_segments_the_whole_volume(monkeypatch):
+    whole = np.ones((5, 5, 5), np.uint8)
+    stage = _FixedStage(whole, [[1]], ["lesion"])
+    monkeypatch.setattr("flareseg.inference.predictor.StageModel", lambda path, *a: stage)
+    predictor = Predictor(load_config(None, ["predict.stages=[only]"]).predict)
+    geometry = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), (9, 12, 12))
+    out = predictor.predict_array(np.zeros((9, 12, 12), np.int16), geometry)
+    assert stage.seen == [(9, 12, 12)] and (out == 1).all()
+
+
+def test_roi_organ_lesion_cascade_predicts_end_to_end(cascade_data, tmp_path):
+    """Real checkpoints of each kind: a binary ROI (fixed size), organs and lesions (fixed spacing, tiled)."""
+    raw, data = cascade_data
+    common = [*CASCADE_LABELS, "prepare.fine.size=null", FINE_SPACING]
+    roi = train_tiny(data, tmp_path / "roi", "coarse", *common, "train.label_groups=[[1, 2, 3]]")
+    organs = train_tiny(
+        data, tmp_path / "organs", "fine", *common, "train.label_groups=[[1], [2], [3]]", "model.input_size=[32,32,32]"
+    )
+    lesion = train_tiny(
+        data, tmp_path / "lesion", "fine", *common, "train.label_groups=[[4], [1, 2, 3]]", "model.input_size=[32,32,32]"
+    )
+    config = load_config(
+        None, [f"predict.stages=[{roi}, {organs}, {lesion}]", "predict.keep_components_per_label={4: 0}"]
+    )
+    predictor = Predictor(config.predict)
+    assert predictor.roi.groups == [[1, 2, 3]]
+    assert [stage.class_ids.tolist() for stage in predictor.segmenters] == [
+        [0, 1, 2, 3],
+        [0, 4, 0],
+    ]  # the organ region is context only
+    assert predictor.segmenters[0].spacing == (6.0, 6.0, 6.0)
+    image_path = raw / "imagesTr" / "phantom_000_0000.nii.gz"
+    timings = predictor.predict_file(image_path, tmp_path / "out.nii.gz")
+    label, geometry = read_image(tmp_path / "out.nii.gz")
+    _, source = read_image(image_path)
+    assert geometry == source and label.shape == source.shape
+    assert set(np.unique(label).tolist()) <= {0, 1, 2, 3, 4}
+    assert {"read", "coarse", "box", "postprocess", "write"} <= set(timings.steps)
