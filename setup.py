@@ -23,7 +23,15 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
-        "test": ["pytest>=7", "surface-distance>=0.1", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        "openvino": ["openvino>=2025.0", "onnx>=1.16", "onnxscript>=0.3"],
+        "test": [
+            "pytest>=7",
+            "surface-distance>=0.1",
+            "onnx>=1.16",
+            "onnxscript>=0.3",
+            "onnxruntime>=1.18",
+            "openvino>=2025.0",
+        ],
         "dev": ["pytest>=7", "ruff>=0.5", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["flareseg=flareseg.cli:main"]},

@@ -154,6 +154,17 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=("torchscript", "onnx"))
     export.set_defaults(run=_run_export)
 
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline on synthetic phantoms: prepare, train, predict, evaluate, report (no data)"
+    )
+    demo.add_argument("--out", type=Path, default=Path("flareseg_demo"), help="output folder (default ./flareseg_demo)")
+    demo.add_argument(
+        "--minutes", type=float, default=10.0, help="total wall time to aim for; training gets what the rest leaves"
+    )
+    demo.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    demo.set_defaults(run=_run_demo)
+
     show = commands.add_parser("config", parents=[common], help="print the resolved config as YAML")
     show.set_defaults(run=_run_show_config)
     return parser
@@ -325,6 +336,17 @@ def _run_export(args: argparse.Namespace) -> int:
         write = export_torchscript if kind == "torchscript" else export_onnx
         path = write(model, example, args.out / f"{config.model.name}.{'pt' if kind == 'torchscript' else 'onnx'}")
         print(f"wrote {path}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from flareseg.demo import DemoError, run_demo
+
+    try:
+        run_demo(args.out, args.minutes, device=args.device, progress=not args.quiet)
+    except DemoError as error:
+        print(f"flareseg demo: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -39,3 +39,11 @@ def small_volume() -> tuple[np.ndarray, Geometry]:
     direction = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], dtype=np.float64) @ oblique_direction()
     geometry = Geometry(spacing=(2.5, 0.7, 0.8), origin=(-12.5, 30.25, 101.0), direction=direction, shape=array.shape)
     return array, geometry
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_export_cache(tmp_path_factory):
+    """The OpenVINO backend's ONNX exports go to a per-session folder, not the user's ~/.cache."""
+    import os
+
+    os.environ["FLARESEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("flareseg-cache"))

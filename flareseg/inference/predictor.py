@@ -2,7 +2,8 @@
 
     read -> reorient -> ROI (coarse) model on the whole volume (resize, window, z-score on the device) -> components
     -> box of all organs + margin (mm) -> fine model(s) on that crop of the original-resolution image
-    -> label map back to crop size -> components -> paste -> undo the reorientation -> write
+    -> components (at the model's resolution) -> label map back to crop size -> paste -> undo the reorientation
+    -> write
 
 Full-resolution multi-channel float maps are never built: labels are decided at the model's resolution and only
 the uint8 label map is resampled back.
@@ -73,7 +74,7 @@ class Predictor:
         precision = settings.precision
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
-        stages = [StageModel(path, self.device, precision, settings.window_overlap) for path in paths]
+        stages = [StageModel(path, self.device, precision, settings.window_overlap, settings.backend) for path in paths]
         self.roi, self.segmenters = (None, stages) if len(stages) == 1 else (stages[0], stages[1:])
         for stage in self.segmenters[1:]:
             if stage.label_names != self.segmenters[0].label_names:
@@ -109,9 +110,13 @@ class Predictor:
         if region is not None:
             crop, target = volume[region.slices], labels_c[region.slices]
             for stage in self.segmenters:
-                labels = stage.label_map(crop, canonical.spacing)
-                labels = resize_label(labels, region.shape, "per_label").cpu().numpy()
-                self._filter(labels, canonical.spacing, self.settings.fine_min_volume_mm3)
+                # components are filtered at the model's resolution (a few million voxels, not tens of millions),
+                # then only the uint8 label map is resampled back to the crop, label by label
+                on_grid = stage.label_map(crop, canonical.spacing).cpu().numpy()
+                grid_spacing = resampled_geometry(canonical.with_shape(region.shape), on_grid.shape).spacing
+                self._filter(on_grid, grid_spacing, self.settings.fine_min_volume_mm3)
+                labels = resize_label(torch.from_numpy(on_grid).to(self.device), region.shape, "per_label")
+                labels = labels.cpu().numpy()
                 np.copyto(target, labels, where=labels > 0)
                 timings.lap("fine", self.device)
         label, _ = from_canonical(labels_c, plan)

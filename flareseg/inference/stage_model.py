@@ -13,8 +13,8 @@ from flareseg.data.intensity import window_and_zscore
 from flareseg.data.patches import sliding_window
 from flareseg.data.resample import resize_image, size_for_spacing
 from flareseg.engine.checkpoint import load_checkpoint
+from flareseg.inference.backends import choose_backend, openvino_runner, torch_runner
 from flareseg.models import build_model
-from flareseg.models.runtime import autocast
 
 
 class StageModel:
@@ -28,7 +28,14 @@ class StageModel:
     (a lesion model trained on [[14], [1, ..., 13]] learns the organs as context and writes only 14).
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, device: torch.device, precision: str, overlap: float = 0.25):
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        device: torch.device,
+        precision: str,
+        overlap: float = 0.25,
+        backend: str = "torch",
+    ):
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -40,11 +47,16 @@ class StageModel:
         self.model = build_model(self.config)
         self.model.load_state_dict(state["model"])
         self.model.eval().to(device)
-        self.channels_last = self.config.model.channels_last
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.device, self.precision, self.overlap = device, precision, overlap
         self.input_size = tuple(self.config.model.input_size)
+        self.backend = choose_backend(backend, device, precision)
+        if self.backend == "openvino":
+            self._forward = openvino_runner(self.model, path, self.input_size, torch.get_num_threads())
+        else:
+            channels_last = self.config.model.channels_last
+            if channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last_3d)
+            self._forward = torch_runner(self.model, device, precision, channels_last)
         self.spacing = getattr(self.config.prepare, self.config.train.stage).spacing  # None: fixed size
         self.window = self.config.data.hu_window
         self.groups = self.config.class_label_groups
@@ -68,15 +80,9 @@ class StageModel:
         `regions`, merged groups count too (written as their first id): for finding the region of interest.
         """
         image = window_and_zscore(resize_image(volume, self.grid_size(volume.shape, spacing)), self.window)[None, None]
-        with autocast(self.device, self.precision):
-            if self.spacing is None:
-                logits = self._forward(image)[0]
-            else:
-                logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))[0]
+        if self.spacing is None:
+            logits = self._forward(image)[0]
+        else:
+            logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))[0]
         best, index = logits.max(dim=0)
         return (self.region_ids if regions else self.class_ids)[(index + 1) * (best > 0)]
-
-    def _forward(self, image: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        return self.model(image)

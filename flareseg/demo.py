@@ -1,0 +1,509 @@
+"""`flareseg demo`: the whole pipeline on synthetic CT phantoms, with no data and no download.
+
+    phantoms -> prepare -> train coarse -> train fine -> predict the held-out phantoms -> evaluate -> report.md
+
+`minutes` is the total wall time to aim for: phantoms, prepare, predict and evaluate take what they take (seconds
+at the demo's sizes), and training gets the rest (`train.time_budget_minutes`), split between the two stages; each
+stage trains at least one epoch. The default `DemoSettings` are small but real networks that learn the large
+organs (liver, kidneys, spleen) from ten phantoms on 2 CPU cores in that time.
+
+Everything goes under one folder: phantoms/ (imagesTr, labelsTr and the held-out imagesTs, labelsTs), prepared/,
+coarse/ and fine/ (the training runs), predictions/ (with timing.csv), evaluation/ (scores.csv, scores.json),
+overlays/, report.md and demo.json (the settings; it marks the folder as the demo's). A rerun into the same folder
+reuses the phantoms and the prepared arrays and trains, predicts and evaluates afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from flareseg.config import Config, load_config
+from flareseg.evaluation import Preset, Target
+
+ORGANS = ("liver", "kidney", "spleen")
+# Phantom labels are numbered as in FLARE22; the demo merges the kidneys (2 right, 13 left) into one label, as
+# FLARE21 does, and leaves out the pancreas and the small organs: at a 48^3 fine grid they are a few voxels thick
+# and a 10-minute CPU budget does not learn them.
+LABEL_MAP = {1: 1, 2: 2, 13: 2, 3: 3}
+PRESET = Preset(
+    "demo",
+    "liver, kidneys (labels 2 and 13 as one), spleen; NSD at the FLARE22 tolerances of these organs",
+    (
+        Target(1, "liver", (1,), 5.0),
+        Target(2, "kidney", (2, 13), 3.0),
+        Target(3, "spleen", (3,), 3.0),
+    ),
+)
+MARKER = "demo.json"
+REPORT = "report.md"
+MIN_STAGE_SECONDS = 0.0  # a budget of 0 still trains (and validates) one epoch
+
+
+class DemoError(Exception):
+    """A demo that cannot start: a negative budget, or an output folder that is not the demo's."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo builds and trains; the defaults learn on 2 CPU cores in the default 10 minutes."""
+
+    train_cases: int = 10  # labeled phantoms to train on; fold 0 of a 5-fold split keeps 2 of them to validate
+    test_cases: int = 3  # held-out phantoms: predicted, evaluated, shown
+    shape: tuple[int, int, int] = (64, 160, 160)  # phantom voxels (z, y, x) before the random axis order
+    seed: int = 0
+    coarse_size: int = 32  # coarse grid and network input (voxels per axis)
+    fine_size: int = 48  # fine grid and network input
+    coarse_channels: tuple[int, ...] = (8, 16, 32, 64)  # BaseUNet widths
+    fine_channels: tuple[int, ...] = (8, 16, 32, 64, 64)  # EfficientSegNet widths
+    batch_size: int = 1  # more updates per sample: learns faster in a small budget (instance norm)
+    lr: float = 0.01  # Adam, constant: the budget, not an epoch count, ends training
+    coarse_share: float = 0.35  # of the training time; the fine network is slower per step and matters more
+    reserve_seconds: float = 60.0  # kept from training for prediction, evaluation and the report
+    val_every: int = 5  # epochs between validations (the last epoch always validates)
+
+
+@dataclass
+class DemoResult:
+    """What a demo run produced: the evaluation summary (flareseg.evaluation), phase times and the report."""
+
+    out: Path
+    summary: dict
+    phases: dict[str, float]
+    report: Path
+
+    @property
+    def mean_dsc(self) -> float:
+        return self.summary["mean"]["dsc"]
+
+
+def run_demo(
+    out: str | os.PathLike = "flareseg_demo",
+    minutes: float = 10.0,
+    device: str = "auto",
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+) -> DemoResult:
+    """Run the demo into `out`, aiming at `minutes` of wall time in all; returns the result (report in out)."""
+    settings = settings or DemoSettings()
+    if minutes < 0:
+        raise DemoError(f"--minutes must be >= 0, got {minutes}")
+    out = Path(out)
+    _claim_folder(out, settings)
+    clock = _Clock()
+    print(
+        f"flareseg demo -> {out}: {settings.train_cases} training + {settings.test_cases} held-out CT phantoms, "
+        f"segmenting {', '.join(ORGANS)} (left and right kidney as one label); about {minutes:g} min in all",
+        flush=True,
+    )
+
+    with clock.phase("phantoms", "writing synthetic CT phantoms") as note:
+        train_ids, test_ids, written = make_phantoms(out / "phantoms", settings)
+        shape = "x".join(map(str, settings.shape))
+        note.append(
+            f"{len(train_ids)} training + {len(test_ids)} held-out ({shape} voxels, random spacing and axis order)"
+            if written
+            else "already there, reused"
+        )
+    with clock.phase("prepare", "preparing the training phantoms") as note:
+        if not written and _prepared(out, train_ids):
+            note.append("already prepared, reused")
+        else:
+            summary = prepare(out, settings, progress)
+            note.append(f"{len(summary.prepared)} cases")
+
+    histories = {}
+    for stage in ("coarse", "fine"):
+        left = 60.0 * minutes - clock.elapsed() - settings.reserve_seconds
+        share = settings.coarse_share if stage == "coarse" else 1.0
+        budget = max(left * share, MIN_STAGE_SECONDS)
+        with clock.phase(stage, f"training the {stage} network for {budget / 60:.1f} min") as note:
+            histories[stage] = train_stage(out, stage, settings, budget, device, progress)
+            note.append(_training_line(histories[stage]))
+
+    with clock.phase("predict", f"predicting the {len(test_ids)} held-out phantoms") as note:
+        rows = predict(out, device, progress)
+        note.append(f"{np.mean([float(row['seconds']) for row in rows]):.1f} s per case")
+    with clock.phase("evaluate", "evaluating (DSC, NSD) and drawing overlays") as note:
+        summary = evaluate(out)
+        draw_overlays(out, test_ids)
+        note.append(f"mean DSC {summary['mean']['dsc']:.4f}")
+
+    from flareseg.evaluation import format_summary
+
+    phases = dict(clock.phases)
+    report = write_report(out, settings, minutes, device, summary, histories, rows, phases, clock.elapsed())
+    print(format_summary(summary))
+    print(
+        f"mean DSC {summary['mean']['dsc']:.4f} over {summary['cases']} held-out phantoms "
+        f"({', '.join(ORGANS)}), {clock.elapsed() / 60:.1f} min in all -> {report}",
+        flush=True,
+    )
+    return DemoResult(out, summary, phases, report)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The phases
+
+
+def make_phantoms(root: Path, settings: DemoSettings) -> tuple[list[str], list[str], bool]:
+    """Training phantoms in root/imagesTr + labelsTr, held-out ones in root/imagesTs + labelsTs.
+
+    Returns (training ids, held-out ids, whether they were written now). Files are written atomically, so a
+    complete set on disk (from an earlier run with the same settings) is reused as it is.
+    """
+    from flareseg.data.phantom import write_phantom_dataset
+
+    count = settings.train_cases + settings.test_cases
+    ids = [f"phantom_{index:03d}" for index in range(count)]  # write_phantom_dataset's names
+    train_ids, test_ids = ids[: settings.train_cases], ids[settings.train_cases :]
+    files = {case: _case_files(root, case, "Tr") for case in train_ids}
+    files |= {case: _case_files(root, case, "Ts") for case in test_ids}
+    if all(path.is_file() for pair in files.values() for path in pair):
+        return train_ids, test_ids, False
+    write_phantom_dataset(root, count, seed=settings.seed, shape=settings.shape)
+    for case in test_ids:
+        for written, target in zip(_case_files(root, case, "Tr"), files[case]):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(written, target)
+    return train_ids, test_ids, True
+
+
+def prepare(out: Path, settings: DemoSettings, progress: bool = True):
+    """flareseg prepare of the training phantoms into out/prepared, from scratch (prepare.overwrite).
+
+    From scratch because the phantoms were just (re)written; `run_demo` skips this phase when they were reused
+    and the index already holds every training case.
+    """
+    from flareseg.data.prepare import FAILURES_FILE, prepare_dataset
+
+    config = load_config(
+        None,
+        [
+            _labels(),
+            f"prepare.label_map={LABEL_MAP}",  # a Python dict prints as a YAML flow mapping
+            f"prepare.coarse.size={[settings.coarse_size] * 3}",
+            f"prepare.fine.size={[settings.fine_size] * 3}",
+            f"prepare.images={out / 'phantoms' / 'imagesTr'}",
+            f"prepare.labels={out / 'phantoms' / 'labelsTr'}",
+            f"prepare.out={out / 'prepared'}",
+            "prepare.folds=5",
+            "prepare.overwrite=true",
+        ],
+    )
+    summary = prepare_dataset(config, progress=progress)
+    if not summary.ok:
+        raise RuntimeError(f"prepare failed for {len(summary.failed)} phantoms: see {summary.out_dir / FAILURES_FILE}")
+    return summary
+
+
+def stage_config(out: Path, stage: str, settings: DemoSettings, budget_seconds: float, progress: bool) -> Config:
+    """The training config of one stage: settings of the learning test, with a time budget instead of epochs."""
+    if stage == "coarse":
+        model = ["model.name=base_unet", f"model.channels={list(settings.coarse_channels)}"]
+        size = settings.coarse_size
+    else:
+        model = ["model.name=efficient_segnet", f"model.channels={list(settings.fine_channels)}"]
+        size = settings.fine_size
+    return load_config(
+        None,
+        [
+            _labels(),
+            *model,
+            f"model.input_size={[size] * 3}",
+            "model.dropout=0",
+            f"train.stage={stage}",
+            f"train.data={out / 'prepared'}",
+            f"train.out={out / stage}",
+            "train.fold=0",
+            "train.epochs=100000",  # never reached: the time budget ends training
+            f"train.time_budget_minutes={budget_seconds / 60.0}",
+            f"train.batch_size={settings.batch_size}",
+            f"train.lr={settings.lr}",
+            "train.schedule=constant",
+            f"train.val_every={settings.val_every}",
+            "train.workers=0",  # compute-bound at these sizes: loader processes would only take cores away
+            "train.resume=false",  # a rerun trains afresh, so that every run shows what its own budget learns
+            # The phantoms' organs have one HU each, the same in training and test cases; the default +-200 HU
+            # per-organ shift (for real scans' contrast phases) costs more learning time than the demo has.
+            "train.augment.organ_hu_shift_p=0",
+            f"train.progress={str(progress).lower()}",
+        ],
+    )
+
+
+def train_stage(
+    out: Path, stage: str, settings: DemoSettings, budget_seconds: float, device: str, progress: bool = True
+) -> list[dict]:
+    """Train one stage into out/<stage> for about `budget_seconds`; returns the per-epoch records."""
+    from flareseg.engine.run import train
+
+    return train(stage_config(out, stage, settings, budget_seconds, progress), device=device)
+
+
+def predict(out: Path, device: str, progress: bool = True) -> list[dict]:
+    """The real predictor on the held-out images into out/predictions; returns the timing.csv rows."""
+    from flareseg.inference.batch import TIMING_FILE, predict_folder
+
+    config = load_config(
+        None,
+        [
+            f"predict.coarse={out / 'coarse' / 'checkpoint_best.pt'}",
+            f"predict.fine={out / 'fine' / 'checkpoint_best.pt'}",
+            f"predict.device={device}",
+            "predict.keep_components_per_label={2: 2}",  # the merged kidney label has two components
+        ],
+    )
+    summary = predict_folder(config, out / "phantoms" / "imagesTs", out / "predictions", progress=progress)
+    if not summary.ok:
+        raise RuntimeError(f"prediction failed: {'; '.join(message for _, message in summary.failed)}")
+    with open(out / "predictions" / TIMING_FILE, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def evaluate(out: Path) -> dict:
+    """DSC and NSD of the predictions against the held-out ground truth; writes out/evaluation/scores.csv + .json."""
+    from flareseg.evaluation import evaluate_folder
+
+    _, summary = evaluate_folder(
+        out / "phantoms" / "labelsTs", out / "predictions", preset=PRESET, workers=2, out=_scores_csv(out)
+    )
+    if summary["failures"] or summary["missing_predictions"]:
+        raise RuntimeError(f"evaluation incomplete: {summary['failures'] or summary['missing_predictions']}")
+    return summary
+
+
+def draw_overlays(out: Path, case_ids: list[str]) -> list[Path]:
+    """out/overlays/<case>.png: the prediction (solid) against the ground truth in the demo's labels (dashed)."""
+    from flareseg.io import read_image
+    from flareseg.visualize import overlay_png
+
+    lookup = np.zeros(256, dtype=np.uint8)
+    for source, target in LABEL_MAP.items():
+        lookup[source] = target
+    paths = []
+    for case in case_ids:
+        image, geometry = read_image(_case_files(out / "phantoms", case, "Ts")[0])
+        truth, _ = read_image(_case_files(out / "phantoms", case, "Ts")[1])
+        label, _ = read_image(out / "predictions" / f"{case}.nii.gz")
+        path = out / "overlays" / f"{case}.png"
+        paths.append(overlay_png(image, geometry, label, path, lookup[truth], names=list(ORGANS)))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(
+    out: Path,
+    settings: DemoSettings,
+    minutes: float,
+    device: str,
+    summary: dict,
+    histories: dict[str, list[dict]],
+    timing_rows: list[dict],
+    phases: dict[str, float],
+    total_seconds: float,
+) -> Path:
+    """out/report.md: scores, per-case time and memory, training, overlays, phase times, settings."""
+    import torch
+
+    from flareseg.io import read_image
+
+    scores = _read_scores(_scores_csv(out))
+    cases = sorted({row["case"] for row in scores})
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "CPU"
+    lines = [
+        "# flareseg demo",
+        "",
+        f"`flareseg demo --out {out} --minutes {minutes:g}`, {datetime.now():%Y-%m-%d %H:%M}, on {where} "
+        f"({os.cpu_count()} CPU cores visible): {total_seconds / 60:.1f} min in all.",
+        "",
+        f"{settings.train_cases} synthetic CT phantoms trained a coarse BaseUNet ({settings.coarse_size}^3, whole "
+        f"volume) and a fine EfficientSegNet ({settings.fine_size}^3, organ box); the predictor then segmented "
+        f"{len(cases)} held-out phantoms. Organs: {', '.join(ORGANS)} (left and right kidney as one label).",
+        "",
+        f"## Held-out phantoms: mean DSC {summary['mean']['dsc']:.4f}",
+        "",
+        "| organ | DSC | NSD | NSD tolerance |",
+        "|---|---|---|---|",
+    ]
+    tolerance = {target.name: target.tolerance_mm for target in PRESET.targets}
+    for organ, entry in summary["organs"].items():
+        lines.append(f"| {organ} | {entry['dsc']:.4f} | {entry['nsd']:.4f} | {tolerance[organ]:g} mm |")
+    lines += [
+        f"| **mean** | **{summary['mean']['dsc']:.4f}** | **{summary['mean']['nsd']:.4f}** | |",
+        "",
+        f"Means over the {summary['cases']} held-out cases of `evaluation/scores.csv` (per case and organ; the "
+        "summary in `evaluation/scores.json`), FLARE protocol: NSD with the image spacing, both masks empty = 1.",
+        "",
+        "## Per case",
+        "",
+        "| case | voxels (z, y, x) | spacing mm | "
+        + " | ".join(f"DSC {organ}" for organ in ORGANS)
+        + " | predict s | peak memory MB |",
+        "|---|---|---|" + "---|" * len(ORGANS) + "---|---|",
+    ]
+    timing = {row["case"]: row for row in timing_rows}
+    for case in cases:
+        _, geometry = read_image(out / "predictions" / f"{case}.nii.gz")
+        dsc = {row["organ"]: row["dsc"] for row in scores if row["case"] == case}
+        row = timing[case]
+        memory = row["peak_rss_mb"] + (f" (GPU {row['peak_gpu_mb']})" if row.get("peak_gpu_mb") else "")
+        lines.append(
+            f"| {case} | {' x '.join(map(str, geometry.shape))} | {' x '.join(f'{s:.2f}' for s in geometry.spacing)} "
+            f"| {' | '.join(f'{dsc[organ]:.4f}' for organ in ORGANS)} | {float(row['seconds']):.2f} | {memory} |"
+        )
+    lines += [
+        "",
+        "Predict seconds and peak resident memory of the process per case from `predictions/timing.csv` (read, "
+        "coarse, box, fine, post-processing and write, each in its own column there). The predict phase below "
+        f"also spent {phases['predict'] - sum(float(row['seconds']) for row in timing_rows):.1f} s outside the cases, "
+        "loading the two models (and compiling them, where the inference backend does).",
+        "",
+        "## Training",
+        "",
+        "| stage | network | input | epochs | samples | training s | best validation Dice |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    networks = {"coarse": "BaseUNet", "fine": "EfficientSegNet"}
+    sizes = {"coarse": settings.coarse_size, "fine": settings.fine_size}
+    for stage, history in histories.items():
+        samples = sum(round(r["samples_per_second"] * r["seconds"]) for r in history)
+        best = max((r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None), default=None)
+        lines.append(
+            f"| {stage} | {networks[stage]} | {sizes[stage]}^3 | {len(history)} | {samples} | "
+            f"{sum(r['seconds'] for r in history):.0f} | {'-' if best is None else f'{best:.4f}'} |"
+        )
+    lines += [
+        "",
+        f"Validation: {len(_validation_cases(out))} of the {settings.train_cases} training phantoms (fold 0: "
+        f"{', '.join(_validation_cases(out))}), Dice at threshold 0.5 on the prepared grid; the predictor uses each "
+        "stage's best checkpoint.",
+        "",
+        *(f"![{stage} training curve]({stage}/training_curve.png)" for stage in histories),
+        "",
+        "## Overlays",
+        "",
+        "Prediction solid, ground truth dashed (also `predictions/<case>.nii.gz`, on the input's exact grid).",
+        "",
+        *(f"![{case}](overlays/{case}.png)" for case in cases),
+        "",
+        "## Wall time per phase",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *(f"| {phase} | {seconds:.1f} |" for phase, seconds in phases.items()),
+        f"| **total** | **{total_seconds:.1f}** |",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| `{key}` | {value} |" for key, value in _settings_rows(settings, minutes, device)),
+        "",
+        "Each stage's full resolved config is in `coarse/config.yaml` and `fine/config.yaml`; prepare's in "
+        "`prepared/config.yaml`.",
+        "",
+    ]
+    path = out / REPORT
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Wall time since the start, and per phase; prints a line when a phase starts and when it ends."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def stamp(self) -> str:
+        seconds = int(self.elapsed())
+        return f"[demo {seconds // 60}:{seconds % 60:02d}]"
+
+    @contextmanager
+    def phase(self, name: str, doing: str) -> Iterator[list[str]]:
+        print(f"{self.stamp()} {doing} ...", flush=True)
+        start, note = time.perf_counter(), []
+        yield note
+        self.phases[name] = time.perf_counter() - start
+        print(f"{self.stamp()} {name}: {'; '.join(note) or 'done'} ({self.phases[name]:.1f} s)", flush=True)
+
+
+def _claim_folder(out: Path, settings: DemoSettings) -> None:
+    """Use `out` if it is new, empty or an earlier demo with the same settings; never write into anything else."""
+    marker = out / MARKER
+    wanted = json.loads(json.dumps(asdict(settings)))
+    if marker.is_file():
+        found = json.loads(marker.read_text()).get("settings")
+        if found != wanted:
+            raise DemoError(f"{out} holds a demo made with other settings ({marker}); use another --out")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DemoError(f"{out} exists and is not a flareseg demo folder (no {MARKER}); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"settings": wanted}, indent=1) + "\n")
+
+
+def _case_files(root: Path, case: str, split: str) -> tuple[Path, Path]:
+    return root / f"images{split}" / f"{case}_0000.nii.gz", root / f"labels{split}" / f"{case}.nii.gz"
+
+
+def _prepared(out: Path, case_ids: list[str]) -> bool:
+    """Whether out/prepared holds every one of `case_ids` (a record is written only after its arrays)."""
+    from flareseg.data.index import CaseIndex
+
+    try:
+        return set(case_ids) <= set(CaseIndex(out / "prepared" / "index.lmdb").case_ids())
+    except FileNotFoundError:
+        return False
+
+
+def _validation_cases(out: Path) -> list[str]:
+    from flareseg.data.index import CaseIndex
+
+    return CaseIndex(out / "prepared" / "index.lmdb").get("__splits__")["splits"][0]["val"]
+
+
+def _settings_rows(settings: DemoSettings, minutes: float, device: str) -> list[tuple[str, object]]:
+    return [*asdict(settings).items(), ("minutes", minutes), ("device", device)]
+
+
+def _labels() -> str:
+    return f"data.labels=[{', '.join(ORGANS)}]"
+
+
+def _scores_csv(out: Path) -> Path:
+    return out / "evaluation" / "scores.csv"
+
+
+def _read_scores(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return [{**row, "dsc": float(row["dsc"]), "nsd": float(row["nsd"])} for row in csv.DictReader(handle)]
+
+
+def _training_line(history: list[dict]) -> str:
+    best = max((r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None), default=None)
+    last = next((r["val_dice"] for r in reversed(history) if r.get("val_dice")), {})
+    organs = ", ".join(f"{organ} {value:.2f}" for organ, value in last.items())
+    dice = f", best validation Dice {best:.4f} (last: {organs})" if best is not None else ""
+    return f"{len(history)} epochs, {sum(r['seconds'] for r in history):.0f} s of training{dice}"

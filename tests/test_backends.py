@@ -1,0 +1,64 @@
+"""Inference backends: OpenVINO on the CPU gives the torch network's logits, and `auto` picks it only where valid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flareseg.config import load_config, to_plain
+from flareseg.engine.checkpoint import save_checkpoint
+from flareseg.inference.backends import cache_dir, choose_backend, openvino_available
+from flareseg.inference.stage_model import StageModel
+from flareseg.models import build_model
+
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="needs the openvino extra")
+CPU = torch.device("cpu")
+
+
+def _checkpoint(tmp_path, name="fine"):
+    config = load_config(
+        None, ["data.labels=[liver, kidney, spleen]", "model.channels=[4,8,8,16,16]", "model.input_size=[32,32,32]"]
+    )
+    torch.manual_seed(3)
+    return save_checkpoint(
+        tmp_path / f"{name}.pt", {"model": build_model(config).state_dict(), "config": to_plain(config)}
+    )
+
+
+def test_auto_picks_openvino_only_on_the_cpu_in_fp32():
+    expected = "openvino" if openvino_available() else "torch"
+    assert choose_backend("auto", CPU, "fp32") == expected
+    assert choose_backend("auto", CPU, "bf16") == "torch"
+    assert choose_backend("auto", torch.device("cuda"), "fp16") == "torch"
+    assert choose_backend("torch", CPU, "fp32") == "torch"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        choose_backend("openvino", torch.device("cuda"), "fp16")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("tensorrt", CPU, "fp32")
+
+
+@needs_openvino
+def test_openvino_logits_and_labels_match_torch(tmp_path):
+    path = _checkpoint(tmp_path)
+    on_torch = StageModel(path, CPU, "fp32", backend="torch")
+    on_openvino = StageModel(path, CPU, "fp32", backend="openvino")
+    assert on_openvino.backend == "openvino" and on_torch.backend == "torch"
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        expected, got = on_torch._forward(image), on_openvino._forward(image)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-3 * float(expected.abs().max()), rtol=1e-3)
+    volume = torch.randint(-1000, 1000, (40, 50, 45)).float()
+    a, b = on_torch.label_map(volume, (2.0, 1.0, 1.0)), on_openvino.label_map(volume, (2.0, 1.0, 1.0))
+    assert (a == b).float().mean() > 0.999  # only exact ties between logits may differ
+    exports = list((cache_dir() / "onnx").glob("fine-*.onnx"))
+    assert len(exports) == 1  # exported once, then reused
+    StageModel(path, CPU, "fp32", backend="openvino")
+    assert list((cache_dir() / "onnx").glob("fine-*.onnx")) == exports
+
+
+@needs_openvino
+def test_openvino_rejects_inputs_of_another_size(tmp_path):
+    stage = StageModel(_checkpoint(tmp_path), CPU, "fp32", backend="openvino")
+    with pytest.raises(ValueError, match="takes \\[32, 32, 32\\] inputs"):
+        stage._forward(torch.zeros(1, 1, 16, 32, 32))

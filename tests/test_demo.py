@@ -1,0 +1,112 @@
+"""`flareseg demo` end to end at tiny sizes: the report says what the evaluation files say, predictions keep the
+test images' geometry, timing.csv and the overlays are there; a rerun reuses the data; foreign folders are refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from flareseg import cli
+from flareseg.demo import ORGANS, DemoSettings, run_demo
+from flareseg.io import read_image
+
+# Tiny phantoms and networks: seconds per phase (the real defaults are exercised by `flareseg demo` itself).
+TINY = DemoSettings(
+    train_cases=5,
+    test_cases=2,
+    shape=(28, 48, 48),
+    coarse_size=24,
+    fine_size=32,
+    coarse_channels=(4, 8, 8, 16),
+    fine_channels=(4, 8, 8, 16, 16),
+    reserve_seconds=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return run_demo(out, minutes=0.0, device="cpu", settings=TINY, progress=False)
+
+
+def _report_table(report: str) -> dict[str, tuple[float, float]]:
+    """{organ or "mean": (DSC, NSD)} from the report's score table."""
+    rows = re.findall(r"^\| \**(\w+)\** \| \**([0-9.]+)\** \| \**([0-9.]+)\** \|", report, flags=re.MULTILINE)
+    return {name: (float(dsc), float(nsd)) for name, dsc, nsd in rows if name in (*ORGANS, "mean")}
+
+
+def test_report_table_is_the_evaluation(demo):
+    out = demo.out
+    with open(out / "evaluation" / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cases = sorted(path.name.removesuffix("_0000.nii.gz") for path in (out / "phantoms" / "imagesTs").iterdir())
+    assert sorted({row["case"] for row in rows}) == cases and len(cases) == TINY.test_cases
+    expected = {}
+    for organ in ORGANS:
+        values = [row for row in rows if row["organ"] == organ]
+        assert len(values) == len(cases)
+        expected[organ] = tuple(sum(float(row[key]) for row in values) / len(values) for key in ("dsc", "nsd"))
+    expected["mean"] = tuple(sum(expected[o][k] for o in ORGANS) / len(ORGANS) for k in (0, 1))
+
+    table = _report_table((out / "report.md").read_text())
+    assert set(table) == set(expected)
+    assert all(table[name] == pytest.approx(expected[name], abs=5e-5) for name in expected), (table, expected)
+    summary = json.loads((out / "evaluation" / "scores.json").read_text())
+    assert summary["mean"]["dsc"] == pytest.approx(expected["mean"][0]) == demo.mean_dsc
+    assert f"mean DSC {demo.mean_dsc:.4f}" in (out / "report.md").read_text()
+
+
+def test_predictions_keep_the_test_images_geometry(demo):
+    images = sorted((demo.out / "phantoms" / "imagesTs").iterdir())
+    assert len(images) == TINY.test_cases
+    for image in images:
+        case = image.name.removesuffix("_0000.nii.gz")
+        _, geometry = read_image(image)
+        label, written = read_image(demo.out / "predictions" / f"{case}.nii.gz")
+        assert written == geometry and label.dtype.name == "uint8"
+        assert set(label.ravel().tolist()) <= {0, 1, 2, 3}  # the demo's labels: liver, kidney, spleen
+
+
+def test_timing_overlays_curves_and_phases(demo):
+    out = demo.out
+    with open(out / "predictions" / "timing.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cases = sorted(path.name.removesuffix(".nii.gz") for path in (out / "phantoms" / "labelsTs").iterdir())
+    assert sorted(row["case"] for row in rows) == cases
+    assert all(row["status"] == "ok" and float(row["seconds"]) > 0 and float(row["peak_rss_mb"]) > 0 for row in rows)
+    assert all((out / "overlays" / f"{case}.png").stat().st_size > 1000 for case in cases)
+    report = (out / "report.md").read_text()
+    assert all(f"](overlays/{case}.png)" in report for case in cases)
+    for stage in ("coarse", "fine"):
+        assert (out / stage / "training_curve.png").stat().st_size > 1000
+        assert f"]({stage}/training_curve.png)" in report
+    assert list(demo.phases) == ["phantoms", "prepare", "coarse", "fine", "predict", "evaluate"]
+    assert all(f"| {phase} | {seconds:.1f} |" in report for phase, seconds in demo.phases.items())
+
+
+def test_rerun_reuses_phantoms_and_prepared_data(demo, capsys):
+    stamp = (demo.out / "phantoms" / "imagesTr" / "phantom_000_0000.nii.gz").stat().st_mtime_ns
+    again = run_demo(demo.out, minutes=0.0, device="cpu", settings=TINY, progress=False)
+    printed = capsys.readouterr().out
+    assert "phantoms: already there, reused" in printed and "prepare: already prepared, reused" in printed
+    assert (demo.out / "phantoms" / "imagesTr" / "phantom_000_0000.nii.gz").stat().st_mtime_ns == stamp
+    assert _report_table((demo.out / "report.md").read_text())["mean"][0] == pytest.approx(again.mean_dsc, abs=5e-5)
+
+
+def test_cli_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("not a demo")
+    assert cli.main(["demo", "--out", str(tmp_path), "--minutes", "1"]) == 2
+    assert "not a flareseg demo folder" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_cli_passes_its_options(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("flareseg.demo.run_demo", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--minutes", "2.5", "--device", "cpu", "-q"]) == 0
+    assert calls == [((Path(tmp_path / "d"), 2.5), {"device": "cpu", "progress": False})]
+    assert cli._build_parser().parse_args(["demo"]).out == Path("flareseg_demo")
