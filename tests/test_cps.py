@@ -64,21 +64,22 @@ def test_both_networks_train_and_are_checkpointed(data, tmp_path):
 
 def test_pseudo_labels_come_from_the_other_network(data, tmp_path, monkeypatch):
     trainer = CrossPseudoSupervisionTrainer(_config(data, tmp_path, "train.epochs=1"), CPU)
-    seen = []
-    original = trainer.loss.forward
+    supervised, pseudo = [], []
+    for loss, seen in ((trainer.loss, supervised), (trainer.pseudo_loss, pseudo)):
 
-    def record(logits, target, annotated=None):
-        seen.append((logits.detach().clone(), target.clone(), None if annotated is None else annotated.clone()))
-        return original(logits, target, annotated)
+        def record(logits, target, annotated=None, seen=seen, original=loss.forward):
+            seen.append((logits.detach().clone(), target.clone(), None if annotated is None else annotated.clone()))
+            return original(logits, target, annotated)
 
-    monkeypatch.setattr(trainer.loss, "forward", record)
+        monkeypatch.setattr(loss, "forward", record)
     trainer._start_epoch()
     batch = next(iter(trainer._loader(trainer.train_set, trainer.sampler)))
     trainer.train_step(batch)
-    # Order: A supervised, A pseudo (target = B > 0), B supervised, B pseudo (target = A > 0).
-    (_, _, _), (logits_a, pseudo_b, all_a), (_, _, _), (logits_b, pseudo_a, all_b) = seen
+    # The pseudo-label term (its own loss instance): A against B > 0, then B against A > 0.
+    (logits_a, pseudo_b, all_a), (logits_b, pseudo_a, all_b) = pseudo
     assert torch.equal(pseudo_a, logits_a > 0) and torch.equal(pseudo_b, logits_b > 0)
     assert all_a.all() and all_b.all() and logits_a.shape[0] == 2  # one labeled + one unlabeled sample
+    assert len(supervised) == 2 and all(logits.shape[0] == 1 for logits, _, _ in supervised)  # labeled only
 
 
 def test_ramp_up(data, tmp_path):

@@ -394,6 +394,8 @@ def test_label_map_merges_and_drops_labels(raw_phantoms, tmp_path):
     source_kidneys = np.isin(source, [2, 13]).sum() * np.prod(Geometry.from_dict(record["geometry"]).spacing)
     fine_kidneys = (fine == 2).sum() * np.prod(Geometry.from_dict(record["fine_geometry"]).spacing)
     assert abs(fine_kidneys / source_kidneys - 1) < 0.1
+    summary = prepare_dataset(config, progress=False)  # a rerun with the same map resumes: nothing to redo
+    assert summary.ok and summary.prepared == [] and len(summary.skipped) == len(index.case_ids())
 
 
 def test_fine_source_has_room_for_margin_jitter(prepared):

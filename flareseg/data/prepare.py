@@ -8,6 +8,7 @@ with its reason, listed in failures.csv, and skipped; the others are prepared.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import multiprocessing
 import os
@@ -182,7 +183,8 @@ def _claim_index(index: IndexWriter, config: Config) -> None:
 def _settings_fingerprint(config: Config) -> dict:
     prepare = to_plain(config.prepare)
     keys = ("coarse", "fine", "label_resampling", "annotation", "foreground_samples", "label_map", "source_margin_mm")
-    return {"data.labels": list(config.data.labels), **{f"prepare.{key}": prepare[key] for key in keys}}
+    settings = {"data.labels": list(config.data.labels), **{f"prepare.{key}": prepare[key] for key in keys}}
+    return json.loads(json.dumps(settings))  # as the index stores it (JSON: label_map keys become strings)
 
 
 def _is_prepared(record: dict | None, case: CaseFiles, out_dir: Path, annotated: list[int] | None) -> bool:

@@ -13,7 +13,7 @@ from flareseg.data.intensity import window_and_zscore
 from flareseg.data.patches import sliding_window
 from flareseg.data.resample import resize_image, size_for_spacing
 from flareseg.engine.checkpoint import load_checkpoint
-from flareseg.inference.backends import choose_backend, openvino_runner, torch_runner
+from flareseg.inference.backends import OpenVinoRunner, choose_backend, torch_runner
 from flareseg.models import build_model
 
 
@@ -51,7 +51,7 @@ class StageModel:
         self.input_size = tuple(self.config.model.input_size)
         self.backend = choose_backend(backend, device, precision)
         if self.backend == "openvino":
-            self._forward = openvino_runner(self.model, path, self.input_size, torch.get_num_threads())
+            self._forward = OpenVinoRunner(self.model, path, self.input_size, torch.get_num_threads())
         else:
             channels_last = self.config.model.channels_last
             if channels_last:
@@ -84,5 +84,7 @@ class StageModel:
             logits = self._forward(image)[0]
         else:
             logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))[0]
+        if self.backend == "openvino":
+            self._forward.release()  # its intermediate buffers, before the next stage runs
         best, index = logits.max(dim=0)
         return (self.region_ids if regions else self.class_ids)[(index + 1) * (best > 0)]

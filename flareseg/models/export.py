@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -31,15 +32,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     model = model.eval()
 
     def write(tmp: str) -> None:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=["image"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
+        # the exporter's notes about torchvision operators and deprecated pytree classes do not concern these networks
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    opset_version=opset,
+                    dynamo=True,
+                    verbose=False,
+                )
+        finally:
+            registration.setLevel(level)
         program.save(tmp)
 
     return _atomic(path, write)
