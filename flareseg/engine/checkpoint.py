@@ -66,6 +66,20 @@ class LoadReport:
         return "; ".join(lines)
 
 
+def load_trained(path: str | os.PathLike, what: str = "checkpoint"):
+    """The state and the resolved, validated config of a trained flareseg checkpoint (a clear error otherwise)."""
+    from flareseg.config import Config, ConfigError
+    from flareseg.config.loader import build_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    state = load_checkpoint(path)
+    if "model" not in state or "config" not in state:
+        raise ConfigError(f"{what} {path} is not a flareseg checkpoint (it needs 'model' and 'config')")
+    return state, build_config(Config, state["config"], path.parent).validate()
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Fine-tuning start: copy every tensor whose name and shape match; report the rest."""
     state = load_checkpoint(path)

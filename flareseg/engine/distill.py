@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flareseg.config import Config, ConfigError
-from flareseg.config.loader import build_config
-from flareseg.engine.checkpoint import load_checkpoint
+from flareseg.engine.checkpoint import load_trained
 from flareseg.engine.trainer import Trainer
 from flareseg.models import build_model
 from flareseg.models.runtime import autocast, prepare_for_inference
@@ -47,13 +46,7 @@ def load_teacher(path: Path, student: Config, device: torch.device) -> tuple[nn.
 
     Its number of classes must equal the student's (a ConfigError naming the file otherwise).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"'distill.teacher': checkpoint {path} does not exist")
-    state = load_checkpoint(path)
-    if "model" not in state or "config" not in state:
-        raise ConfigError(f"'distill.teacher': {path} is not a flareseg checkpoint (it needs 'model' and 'config')")
-    config: Config = build_config(Config, state["config"], path.parent).validate()
+    state, config = load_trained(path, "'distill.teacher': checkpoint")
     if config.num_classes != student.num_classes:
         raise ConfigError(
             f"'distill.teacher': {path} predicts {config.num_classes} classes ({', '.join(config.class_names)}), "

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import torch
 
-from flareseg.config import Config, ConfigError
-from flareseg.config.loader import build_config
 from flareseg.data.intensity import window_and_zscore
 from flareseg.data.patches import sliding_window
 from flareseg.data.resample import resize_image, size_for_spacing
-from flareseg.engine.checkpoint import load_checkpoint
+from flareseg.engine.checkpoint import load_trained
 from flareseg.inference.backends import OpenVinoRunner, choose_backend, torch_runner
 from flareseg.models import build_model
 
@@ -37,13 +35,8 @@ class StageModel:
         backend: str = "torch",
     ):
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        state = load_checkpoint(path)
-        if "config" not in state or "model" not in state:
-            raise ConfigError(f"{path} is not a flareseg checkpoint (it needs 'model' and 'config')")
+        state, self.config = load_trained(path)
         self.path = path
-        self.config: Config = build_config(Config, state["config"], path.parent).validate()
         self.model = build_model(self.config)
         self.model.load_state_dict(state["model"])
         self.model.eval().to(device)
