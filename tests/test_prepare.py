@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from flareseg.cli import main
 from flareseg.config import ConfigError, load_config
-from flareseg.data import prepare as prepare_module
 from flareseg.data.crop import Box, bounding_box
 from flareseg.data.dataset import PreparedArrays
 from flareseg.data.index import CaseIndex
@@ -353,24 +352,34 @@ def test_prepare_real_ct_nifti_and_dicom(shared_data, tmp_path):
     assert fine_label.shape == (192, 192, 192) and {1, 2, 3, 13} <= set(np.unique(fine_label).tolist())
 
 
-def _die_on_second_case(case, config, out_dir, annotated):
+DYING_WORKER_SCRIPT = """
+import os, sys
+import flareseg.data.prepare as prepare
+original = prepare._prepare_one
+def die_on_second_case(case, config, out_dir, annotated):
     if case.case_id == "phantom_001":
         os._exit(9)  # as if the kernel killed the worker (out of memory)
-    return ORIGINAL_PREPARE_ONE(case, config, out_dir, annotated)
+    return original(case, config, out_dir, annotated)
+prepare._prepare_one = die_on_second_case
+prepare.POOL_START_METHOD = "fork"  # the workers inherit the patched function
+from flareseg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-ORIGINAL_PREPARE_ONE = prepare_module._prepare_one
-
-
-def test_a_dying_worker_loses_only_its_own_case(raw_phantoms, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "POOL_START_METHOD", "fork")  # workers inherit the patched function
-    monkeypatch.setattr(prepare_module, "_prepare_one", _die_on_second_case)
-    summary = prepare_dataset(_config(raw_phantoms, tmp_path / "out", unlabeled=False, workers=2), progress=False)
-    assert len(summary.failed) == 1
-    assert summary.failed[0][0] == "phantom_001" and "worker process died" in summary.failed[0][1]
+def test_a_dying_worker_loses_only_its_own_case(raw_phantoms, tmp_path):
+    # In a fresh interpreter: forking this test process, whose earlier tests started OpenVINO and torch thread
+    # pools, is not safe.
+    out = tmp_path / "out"
+    args = ["prepare", "-i", str(raw_phantoms / "imagesTr"), "-l", str(raw_phantoms / "labelsTr"), "-o", str(out)]
+    args += ["-w", "2", "-q", *[a for s in SMALL for a in ("--set", s)]]
+    run = subprocess.run([sys.executable, "-c", DYING_WORKER_SCRIPT, *args], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    failures = (out / "failures.csv").read_text()
+    assert "phantom_001" in failures and "worker process died" in failures
     # The cases that were in flight beside it when the pool broke were retried and prepared.
-    assert sorted(summary.prepared) == ["phantom_000", "phantom_002", "phantom_003"]
-    assert CaseIndex(tmp_path / "out" / "index.lmdb").case_ids() == sorted(summary.prepared)
+    prepared = ["phantom_000", "phantom_002", "phantom_003"]
+    assert CaseIndex(out / "index.lmdb").case_ids() == prepared
 
 
 def test_label_map_merges_and_drops_labels(raw_phantoms, tmp_path):
