@@ -24,6 +24,7 @@ COMPARE_LAST_LINE = re.compile(
         ("bench_train.py", "samples/s"),
         ("bench_predict.py", "peak RSS"),
         ("compare_cps.py", "mean validation Dice"),
+        ("bench_backends.py", "speed-up"),
         ("compare_nnunet.py", "flareseg"),
     ],
 )

@@ -60,8 +60,9 @@ def torch_runner(model: nn.Module, device: torch.device, precision: str, channel
 class OpenVinoRunner:
     """An OpenVINO float32 CPU runner for `model` at its static `input_size` (the ONNX export is cached).
 
-    `release()` frees the intermediate buffers that OpenVINO otherwise keeps after an inference (1.3 GB for the
-    fine network at 192^3), so that the stages of a chain do not hold their peaks at the same time.
+    OpenVINO keeps its intermediate buffers after an inference (1.3 GB for the fine network at 192^3).
+    `CompiledModel.release_memory()` would free them, but with OpenVINO 2026.4 it made the process crash later
+    (a segmentation fault in unrelated code, reproduced in the test suite), so it is not called.
     """
 
     def __init__(self, model: nn.Module, checkpoint: Path, input_size: tuple[int, int, int], threads: int):
@@ -78,9 +79,6 @@ class OpenVinoRunner:
             raise ValueError(f"the OpenVINO model takes {list(self.input_size)} inputs, got {list(image.shape[2:])}")
         outputs = self.request.infer({0: image.detach().float().contiguous().numpy()}, share_inputs=True)
         return torch.from_numpy(outputs[0].copy())
-
-    def release(self) -> None:
-        self.compiled.release_memory()
 
 
 def cache_dir() -> Path:

@@ -77,7 +77,5 @@ class StageModel:
             logits = self._forward(image)[0]
         else:
             logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))[0]
-        if self.backend == "openvino":
-            self._forward.release()  # its intermediate buffers, before the next stage runs
         best, index = logits.max(dim=0)
         return (self.region_ids if regions else self.class_ids)[(index + 1) * (best > 0)]
