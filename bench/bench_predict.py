@@ -1,6 +1,6 @@
 """Per-case inference time and peak memory on a 512x512x200 CT, with the breakdown by step.
 
-    python bench/bench_predict.py [--image CT] [--repeats 3] [--device auto|cpu|cuda]
+    python bench/bench_predict.py [--image CT] [--repeats 3] [--device auto|cpu|cuda] [--backend torch|openvino]
     python bench/bench_predict.py --tiny        # a seconds-long smoke run (used by the tests)
 
 Reference-size networks with random weights (speed does not depend on the weights): coarse BaseUNet 8..128 at
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--image", type=Path, help="a CT file or DICOM folder (default: a 512x512x200 phantom)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backend", default="auto", help="predict.backend: auto (= torch), torch or openvino")
     parser.add_argument("--tiny", action="store_true", help="small phantom and networks: checks that the script runs")
     args = parser.parse_args()
     repeats = 1 if args.tiny else args.repeats
@@ -64,6 +65,7 @@ def main() -> None:
                 f"predict.coarse={checkpoints['coarse']}",
                 f"predict.fine={checkpoints['fine']}",
                 f"predict.device={args.device}",
+                f"predict.backend={args.backend}",
             ],
         ).predict
         predictor = Predictor(settings)

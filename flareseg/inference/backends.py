@@ -4,7 +4,8 @@
     openvino  CPU only: the network exported once to ONNX at its static input size, compiled by OpenVINO in
               float32 (measured 3.9-4.3x faster than eager PyTorch on 2 cores for the reference networks, logits
               within 0.03 of PyTorch's). Needs the `openvino` extra (pip install "flareseg[openvino]").
-    auto      openvino on the CPU in fp32 when it is installed, else torch
+    auto      torch for now: OpenVINO stays opt-in because a process that loaded it and later forks (DataLoader
+              workers, fork-started pools) crashed with a segmentation fault in our test suite
 
 The ONNX export (10-20 s for the fine network) is cached under $FLARESEG_CACHE_DIR (default ~/.cache/flareseg),
 keyed by the checkpoint's content, the input size and the torch version, so only the first run pays for it.
@@ -38,7 +39,7 @@ def choose_backend(backend: str, device: torch.device, precision: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"predict.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "openvino" if device.type == "cpu" and precision == "fp32" and openvino_available() else "torch"
+        return "torch"
     if backend == "openvino":
         if device.type != "cpu":
             raise ValueError(f"predict.backend 'openvino' runs on the CPU, but predict.device is {device}")
