@@ -13,8 +13,10 @@ it waited for (nnU-Net's preprocessing and export workers included); the wrapper
 With --repeats N the three commands run in turn N times and the figures are medians. Threads: each side's default,
 all cores (flareseg's predict.threads: null; nnU-Net's `-device cpu` sets torch to all cores).
 
-- flareseg: `python -m flareseg predict --device cpu` with the reference-size networks of bench/bench_predict.py
-  (coarse BaseUNet 8..128 at 160^3, fine EfficientSegNet 16..256 at 192^3, 13 classes), random weights.
+- flareseg: `python -m flareseg predict --device cpu --set predict.backend=openvino` (--backend; torch where the
+  openvino extra is missing) with the reference-size networks of bench/bench_predict.py (coarse BaseUNet 8..128 at
+  160^3, fine EfficientSegNet 16..256 at 192^3, 13 classes), random weights, whose noise label maps are the worst
+  case for flareseg's post-processing. One unmeasured run first fills the ONNX export cache (once per checkpoint).
 - nnU-Net v2: `nnUNetv2_predict --disable_tta -device cpu -npp 1 -nps 1` with networks planned by nnU-Net's own
   planner for a FLARE-like phantom dataset (--nnunet-cases phantoms of --nnunet-shape at 2.5x0.8x0.8 mm, 13
   labels), trained for one iteration (as fast as a converged network): `nnunet_fullres` is the default 3d_fullres
@@ -49,6 +51,7 @@ from flareseg.config import load_config, to_plain  # noqa: E402
 from flareseg.config.schema import FLARE_ORGANS  # noqa: E402
 from flareseg.data.phantom import make_phantom, write_phantom_dataset  # noqa: E402
 from flareseg.engine.checkpoint import save_checkpoint  # noqa: E402
+from flareseg.inference.backends import openvino_available  # noqa: E402
 from flareseg.io import read_image, write_image  # noqa: E402
 from flareseg.models import build_model  # noqa: E402
 
@@ -245,10 +248,14 @@ def main() -> int:
     parser.add_argument(
         "--nnunet-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="their shape (default 200 512 512)"
     )
+    parser.add_argument(
+        "--backend", choices=("torch", "openvino"), help="flareseg's predict.backend (default: openvino if installed)"
+    )
     parser.add_argument("--tiny", action="store_true", help="small phantom and networks: checks that the script runs")
     parser.add_argument("--with-nnunet", action="store_true", help="with --tiny: run nnU-Net too (on tiny data)")
     args = parser.parse_args()
     repeats = max(1, args.repeats)
+    backend = args.backend or ("openvino" if openvino_available() else "torch")
     spacing = FLARE_SPACING if not args.tiny else (5.0, 4.0, 4.0)
     cases = args.nnunet_cases or (4 if not args.tiny else 2)
     shape = tuple(args.nnunet_shape or ((200, 512, 512) if not args.tiny else (24, 48, 48)))
@@ -288,12 +295,17 @@ def main() -> int:
             "flareseg": [
                 *(sys.executable, "-m", "flareseg", "predict", "-i", str(inputs), "-o", "{out}"),
                 *("--coarse", str(checkpoints["coarse"]), "--fine", str(checkpoints["fine"]), "--device", "cpu", "-q"),
+                *("--set", f"predict.backend={backend}"),
             ]
         }
         configurations = {
             "flareseg": "coarse BaseUNet 8..128 at 160^3 + fine EfficientSegNet 16..256 at 192^3"
             + (" (--tiny: 32^3)" if args.tiny else "")
+            + f", {backend} backend"
         }
+        if backend == "openvino":  # the one-time ONNX export, as nnU-Net's one-time setup, is not measured
+            warm = [str(tmp / "warm") if part == "{out}" else part for part in commands["flareseg"]]
+            run_step(warm, tmp / "flareseg_warmup.log", dict(os.environ))
         if nnunet is not None:
             try:
                 nnunet.prepare()

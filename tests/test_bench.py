@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from flareseg.inference.backends import openvino_available
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 # compare_nnunet.py's fixed last line; on --tiny without --with-nnunet the nnU-Net fields are n/a.
 COMPARE_LAST_LINE = re.compile(
@@ -26,6 +28,11 @@ COMPARE_LAST_LINE = re.compile(
         ("compare_cps.py", "mean validation Dice"),
         ("bench_backends.py", "speed-up"),
         ("compare_nnunet.py", "flareseg"),
+        pytest.param(
+            "compare_precision.py",
+            "differs from torch fp32",
+            marks=pytest.mark.skipif(not openvino_available(), reason="needs the openvino extra"),
+        ),
     ],
 )
 def test_benchmark_script_runs_on_a_tiny_input(script, marker, tmp_path):

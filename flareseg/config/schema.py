@@ -322,7 +322,7 @@ class PredictConfig:
     fine: Path | None = None  # fine checkpoint
     stages: list[Path] | None = None  # any chain instead: first = ROI (whole volume), the rest segment inside it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA; CPU: bf16 under OpenVINO if native
     threads: int | None = None  # CPU threads for torch and OpenVINO (null = all cores)
     backend: Literal["auto", "torch", "openvino"] = "auto"  # openvino: CPU fp32, 3-4x faster; auto = torch for now
     margin_mm: float = 20.0  # grown on every side of the coarse organ box before the fine model

@@ -71,10 +71,10 @@ class Predictor:
         self.device = resolve_device(settings.device)
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        precision = settings.precision
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        stages = [StageModel(path, self.device, precision, settings.window_overlap, settings.backend) for path in paths]
+        stages = [
+            StageModel(path, self.device, settings.precision, settings.window_overlap, settings.backend)
+            for path in paths
+        ]
         self.roi, self.segmenters = (None, stages) if len(stages) == 1 else (stages[0], stages[1:])
         for stage in self.segmenters[1:]:
             if stage.label_names != self.segmenters[0].label_names:

@@ -11,7 +11,13 @@ from flareseg.data.intensity import window_and_zscore
 from flareseg.data.patches import sliding_window
 from flareseg.data.resample import resize_image, size_for_spacing
 from flareseg.engine.checkpoint import load_trained
-from flareseg.inference.backends import OpenVinoRunner, choose_backend, torch_runner
+from flareseg.inference.backends import (
+    OpenVinoRunner,
+    choose_backend,
+    choose_precision,
+    classes_from_logits,
+    torch_runner,
+)
 from flareseg.models import build_model
 
 
@@ -40,17 +46,21 @@ class StageModel:
         self.model = build_model(self.config)
         self.model.load_state_dict(state["model"])
         self.model.eval().to(device)
-        self.device, self.precision, self.overlap = device, precision, overlap
+        self.device, self.overlap = device, overlap
         self.input_size = tuple(self.config.model.input_size)
+        self.spacing = getattr(self.config.prepare, self.config.train.stage).spacing  # None: fixed size
+        # a fixed-size stage runs its grid in one pass and needs only class indices; sliding windows blend logits
+        output = "classes" if self.spacing is None else "logits"
         self.backend = choose_backend(backend, device, precision)
+        self.precision = choose_precision(precision, device, self.backend)
         if self.backend == "openvino":
-            self._forward = OpenVinoRunner(self.model, path, self.input_size, torch.get_num_threads())
+            threads = torch.get_num_threads()
+            self._forward = OpenVinoRunner(self.model, path, self.input_size, threads, self.precision, output)
         else:
             channels_last = self.config.model.channels_last
             if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last_3d)
-            self._forward = torch_runner(self.model, device, precision, channels_last)
-        self.spacing = getattr(self.config.prepare, self.config.train.stage).spacing  # None: fixed size
+            self._forward = torch_runner(self.model, device, self.precision, channels_last, output)
         self.window = self.config.data.hu_window
         self.groups = self.config.class_label_groups
         self.labels = self.config.class_names  # one name per network class
@@ -74,8 +84,8 @@ class StageModel:
         """
         image = window_and_zscore(resize_image(volume, self.grid_size(volume.shape, spacing)), self.window)[None, None]
         if self.spacing is None:
-            logits = self._forward(image)[0]
+            classes = self._forward(image)[0]
         else:
-            logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))[0]
-        best, index = logits.max(dim=0)
-        return (self.region_ids if regions else self.class_ids)[(index + 1) * (best > 0)]
+            logits = sliding_window(self._forward, image, self.input_size, self.overlap, float(image.min()))
+            classes = classes_from_logits(logits)[0]
+        return (self.region_ids if regions else self.class_ids)[classes.to(self.device).long()]

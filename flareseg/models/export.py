@@ -23,8 +23,10 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
     return _atomic(path, lambda tmp: traced.save(tmp))
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 18) -> Path:
-    """Export to ONNX at the example's static shape (input "image", output "logits")."""
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 18, output_name: str = "logits"
+) -> Path:
+    """Export to ONNX at the example's static shape (input "image", output `output_name`)."""
     try:
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError:
@@ -43,7 +45,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
                     model,
                     (example,),
                     input_names=["image"],
-                    output_names=["logits"],
+                    output_names=[output_name],
                     opset_version=opset,
                     dynamo=True,
                     verbose=False,
