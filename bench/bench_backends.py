@@ -1,12 +1,17 @@
-"""Forward time of the reference networks on the CPU: eager PyTorch against the OpenVINO backend, in one run.
+"""Forward time of the reference networks on the CPU per backend and precision, against the compute floor.
 
     python bench/bench_backends.py [--repeats 3] [--threads 2]
     python bench/bench_backends.py --tiny       # a seconds-long smoke run (used by the tests)
 
-Coarse BaseUNet 8..128 at 160^3 and fine EfficientSegNet 16..256 at 192^3, 13 classes, random weights, fp32,
-batch 1. Each network goes through the predictor's own StageModel with predict.backend torch and openvino (the
-ONNX export is cached before timing starts). The two backends alternate; the figures are medians, the speed-up is
-taken within the run, and the largest logit difference is reported against the logits' range.
+Coarse BaseUNet 8..128 at 160^3 and fine EfficientSegNet 16..256 at 192^3, 13 classes, random weights, batch 1,
+logits out: eager PyTorch fp32, OpenVINO fp32 and OpenVINO bf16 (ONNX exports cached before timing starts). The
+variants alternate within each repeat; figures are medians and speed-ups are taken within the run. The largest
+logit difference of OpenVINO fp32 is given against the logits' range (bf16's accuracy on trained networks:
+bench/compare_precision.py).
+
+The compute floor: this machine's conv3d throughput is measured on a large, well-shaped convolution (32 -> 32
+channels, 3x3x3, a 96^3 input; per backend and precision, best of the repeats); the floor of a network is its
+multiply-adds x 2 divided by the best throughput measured, and "x floor" says how far the measured time is from it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flareseg.config import load_config, to_plain
 from flareseg.engine.checkpoint import save_checkpoint
-from flareseg.inference.backends import openvino_available
-from flareseg.inference.stage_model import StageModel
+from flareseg.inference.backends import OpenVinoRunner, cpu_has_native_bf16, openvino_available
 from flareseg.models import build_model
+from flareseg.models.complexity import count_multiply_adds
 
 NETWORKS = {
     "coarse BaseUNet 160^3": [
@@ -37,6 +43,46 @@ NETWORKS = {
         "model.input_size=[192,192,192]",
     ],
 }
+VARIANTS = ("torch fp32", "openvino fp32", "openvino bf16")
+
+
+def runners(model: nn.Module, checkpoint: Path, size: tuple[int, int, int], threads: int, variants) -> dict:
+    """One logits runner per variant ("torch fp32", "openvino fp32", "openvino bf16")."""
+    found = {}
+    for variant in variants:
+        backend, precision = variant.split()
+        if backend == "torch":
+            found[variant] = model
+        else:
+            found[variant] = OpenVinoRunner(model, checkpoint, size, threads, precision, "logits")
+    return found
+
+
+def time_variants(found: dict, image: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """Seconds per variant (alternating, `repeats` each after one warm-up) and each variant's last output."""
+    seconds, outputs = {variant: [] for variant in found}, {}
+    with torch.inference_mode():
+        for variant, run in found.items():
+            run(image)  # warm-up: kernel choice, buffer allocation
+        for _ in range(repeats):
+            for variant, run in found.items():
+                start = time.perf_counter()
+                outputs[variant] = run(image)
+                seconds[variant].append(time.perf_counter() - start)
+    return seconds, outputs
+
+
+def conv3d_throughput(folder: Path, threads: int, variants, repeats: int, size: int) -> dict[str, float]:
+    """GFLOP/s of a 32 -> 32 channel 3x3x3 convolution on a size^3 input (behind a 1 -> 32 one that makes its input
+    and costs 1/32 of it), best of `repeats`, per variant."""
+    torch.manual_seed(0)
+    probe = nn.Sequential(nn.Conv3d(1, 32, 3, padding=1), nn.Conv3d(32, 32, 3, padding=1)).eval()
+    path = folder / "conv.pt"
+    torch.save(probe.state_dict(), path)
+    shape = (1, 1, size, size, size)
+    flops = 2 * count_multiply_adds(probe, shape)
+    seconds, _ = time_variants(runners(probe, path, (size,) * 3, threads, variants), torch.randn(shape), repeats)
+    return {variant: flops / min(times) / 1e9 for variant, times in seconds.items()}
 
 
 def main() -> None:
@@ -49,34 +95,44 @@ def main() -> None:
         raise SystemExit("the openvino extra is not installed: pip install 'flareseg[openvino]'")
     torch.set_num_threads(args.threads)
     repeats = 1 if args.tiny else args.repeats
-    cpu = torch.device("cpu")
+    variants = VARIANTS if cpu_has_native_bf16() else VARIANTS[:2]
     rows = []
     with tempfile.TemporaryDirectory(prefix="flareseg-backends-") as tmp:
+        tmp = Path(tmp)
+        throughput = conv3d_throughput(tmp, args.threads, variants, repeats, 24 if args.tiny else 96)
+        best = max(throughput.values())
         for name, overrides in NETWORKS.items():
             config = load_config(None, [*overrides, *(["model.input_size=[32,32,32]"] if args.tiny else [])])
             torch.manual_seed(0)
-            path = save_checkpoint(
-                Path(tmp) / "net.pt", {"model": build_model(config).state_dict(), "config": to_plain(config)}
-            )
-            stages = {backend: StageModel(path, cpu, "fp32", backend=backend) for backend in ("torch", "openvino")}
-            image = torch.randn(1, 1, *config.model.input_size)
-            seconds = {backend: [] for backend in stages}
-            logits = {}
-            with torch.inference_mode():
-                for _ in range(repeats):
-                    for backend, stage in stages.items():
-                        start = time.perf_counter()
-                        logits[backend] = stage._forward(image)
-                        seconds[backend].append(time.perf_counter() - start)
-            torch_s, openvino_s = (statistics.median(seconds[b]) for b in ("torch", "openvino"))
-            difference = float((logits["torch"] - logits["openvino"]).abs().max())
-            scale = float(logits["torch"].abs().max())
-            rows.append((name, torch_s, openvino_s, difference / scale))
-    print(f"CPU fp32, {args.threads} threads, batch 1, median of {repeats} (backends alternating)")
-    print("| network | torch s | openvino s | speed-up | max logit difference / range |")
-    print("|---|---|---|---|---|")
-    for name, torch_s, openvino_s, relative in rows:
-        print(f"| {name} | {torch_s:.2f} | {openvino_s:.2f} | {torch_s / openvino_s:.2f}x | {relative:.1e} |")
+            model = build_model(config).eval()
+            path = save_checkpoint(tmp / "net.pt", {"model": model.state_dict(), "config": to_plain(config)})
+            size = tuple(config.model.input_size)
+            image = torch.randn(1, 1, *size)
+            multiply_adds = count_multiply_adds(model, tuple(image.shape))
+            seconds, outputs = time_variants(runners(model, path, size, args.threads, variants), image, repeats)
+            reference = outputs["torch fp32"]
+            difference = float((reference - outputs["openvino fp32"]).abs().max()) / float(reference.abs().max())
+            medians = {variant: statistics.median(times) for variant, times in seconds.items()}
+            rows.append((name, multiply_adds, medians, difference))
+    print(
+        f"CPU, {args.threads} threads, batch 1, median of {repeats} (variants alternating). conv3d throughput "
+        "(GFLOP/s): " + ", ".join(f"{variant} {value:.0f}" for variant, value in throughput.items())
+    )
+    print(
+        "| network | multiply-adds G | "
+        + " | ".join(f"{variant} s" for variant in variants)
+        + f" | {variants[-1]} speed-up | {variants[-1]} GFLOP/s | floor s | x floor | openvino fp32 max logit diff |"
+    )
+    print("|---" * (len(variants) + 7) + "|")
+    for name, multiply_adds, medians, difference in rows:
+        fastest = medians[variants[-1]]
+        floor = 2 * multiply_adds / best / 1e9
+        print(
+            f"| {name} | {multiply_adds / 1e9:.0f} | "
+            + " | ".join(f"{medians[variant]:.2f}" for variant in variants)
+            + f" | {medians['torch fp32'] / fastest:.2f}x | {2 * multiply_adds / fastest / 1e9:.0f} | {floor:.2f} |"
+            + f" {fastest / floor:.1f} | {difference:.1e} |"
+        )
 
 
 if __name__ == "__main__":

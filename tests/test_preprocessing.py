@@ -51,6 +51,24 @@ def test_per_label_resize_equals_full_volume_reference(size):
     assert (fast != reference).sum() <= tie.sum() and tie.float().mean() < 0.01
 
 
+@pytest.mark.parametrize("size", [(11, 13, 17), (40, 57, 33), (61, 97, 101), (5, 90, 7)])
+def test_per_label_resize_of_noise_equals_full_volume_reference(size, monkeypatch):
+    """Random networks label every voxel at random: every label's box is the whole volume, and resize_label then
+    resamples all labels in one pass (_resize_labels_dense); the result is still the reference's."""
+    import flareseg.data.resample as resample
+
+    dense = []
+    original = resample._resize_labels_dense
+    monkeypatch.setattr(resample, "_resize_labels_dense", lambda *args: dense.append(1) or original(*args))
+    label = torch.from_numpy(np.random.default_rng(1).integers(0, 14, (23, 31, 29), dtype=np.uint8))
+    fast = resize_label(label, size, "per_label")
+    assert dense == [1]  # the dense path was taken
+    reference, tie = _per_label_reference(label, size)
+    assert torch.equal(fast[~tie], reference[~tie])
+    assert (fast != reference).sum() <= tie.sum()
+    assert not dense[1:] and resize_label(_blobs(), size, "per_label").shape == size and dense == [1]  # blobs: per box
+
+
 def test_labels_are_never_mixed():
     label = _blobs()
     for mode in ("per_label", "nearest"):

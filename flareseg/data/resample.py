@@ -9,6 +9,7 @@ earlier ones, as the FLARE21 reference does) or by nearest neighbour.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -18,6 +19,10 @@ from scipy import ndimage
 from flareseg.io.geometry import Geometry
 
 LabelMode = Literal["per_label", "nearest"]
+# per-label resampling of a map whose label boxes together cover more than this many times its volume (random
+# network outputs: every label everywhere) runs for all labels at once, in slabs of this many output slices
+DENSE_LABELS_COVERAGE = 3.0
+DENSE_SLAB = 4
 
 
 def size_for_spacing(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
@@ -57,9 +62,49 @@ def resize_label(label: torch.Tensor, size: tuple[int, int, int], mode: LabelMod
         return out
     if mode != "per_label":
         raise ValueError(f"unknown label resampling mode {mode!r}; use 'per_label' or 'nearest'")
+    boxes = _label_boxes(label)
+    covered = sum(math.prod(b.stop - b.start for b in box) for box in boxes.values())
+    if covered > DENSE_LABELS_COVERAGE * label.numel():  # labels spread everywhere (noise): one pass for all
+        return _resize_labels_dense(label, tuple(size), sorted(boxes))
     out = torch.zeros(tuple(size), dtype=label.dtype, device=label.device)
-    for value, box in _label_boxes(label).items():
+    for value, box in boxes.items():
         _paint_label(out, label, value, box)
+    return out
+
+
+def _resize_labels_dense(label: torch.Tensor, size: tuple[int, int, int], values: list[int]) -> torch.Tensor:
+    """The per-label result, computed for all labels at once: cost independent of how the labels are spread.
+
+    Every label's mask is interpolated along z and y (in slabs of output slices); along x a voxel can only exceed
+    0.5 for a label that exceeds 0.5 at one of its two x neighbours, i.e. for the label with the largest weight at
+    one of them, so only those two candidates are interpolated to the output. Same float operations as
+    `_paint_label`, so the same voxels.
+    """
+    out = torch.zeros(size, dtype=label.dtype, device=label.device)
+    if not values:
+        return out
+    ids = torch.tensor(values, dtype=label.dtype, device=label.device)
+    z_at, y_at, x_at = (_corner_aligned_coords(n, m, label.device) for n, m in zip(label.shape, size))
+    n_x = label.shape[2]
+    i0 = torch.floor(x_at).long().clamp(0, n_x - 1)
+    i1 = (i0 + 1).clamp(max=n_x - 1)
+    w = (x_at - i0).float().clamp(0, 1)
+    following = (torch.arange(n_x, device=label.device) + 1).clamp(max=n_x - 1)
+    for start in range(0, size[0], DENSE_SLAB):
+        z = z_at[start : start + DENSE_SLAB]
+        lo = int(torch.floor(z[0]).clamp(0, label.shape[0] - 1))
+        hi = min(int(torch.floor(z[-1]).clamp(0, label.shape[0] - 1)) + 2, label.shape[0])
+        masks = (label[lo:hi][None] == ids[:, None, None, None]).float()  # [labels, z, y, x]
+        masks = _linear_along(_linear_along(masks, 1, z - lo), 2, y_at)  # [labels, z', y', x]
+        weight, best = masks.max(dim=0)  # the only label that may exceed 0.5 at each x column, and its weight
+        # at column j: this column's best label's weight in the next column, and the next column's best label's here
+        own_next = masks.index_select(3, following).gather(0, best[None]).squeeze(0)
+        next_here = masks.gather(0, best.index_select(2, following)[None]).squeeze(0)
+        left = weight.index_select(2, i0) * (1 - w) + own_next.index_select(2, i0) * w
+        right = next_here.index_select(2, i0) * (1 - w) + weight.index_select(2, i1) * w
+        chosen = torch.where(right > 0.5, ids[best.index_select(2, i1)], 0)
+        chosen = torch.where(left > 0.5, torch.maximum(ids[best.index_select(2, i0)], chosen), chosen)
+        out[start : start + len(z)] = chosen
     return out
 
 
@@ -107,7 +152,7 @@ def _linear_along(values: torch.Tensor, axis: int, x: torch.Tensor) -> torch.Ten
     n = values.shape[axis]
     i0 = torch.floor(x).long().clamp(0, n - 1)
     i1 = (i0 + 1).clamp(max=n - 1)
-    shape = [1, 1, 1]
+    shape = [1] * values.dim()
     shape[axis] = -1
     w = (x - i0).float().clamp(0, 1).reshape(shape)
     return values.index_select(axis, i0) * (1 - w) + values.index_select(axis, i1) * w
