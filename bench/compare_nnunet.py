@@ -2,6 +2,7 @@
 
     bash bench/setup_nnunet.sh                          # once: nnU-Net v2 in its own virtual environment
     python bench/compare_nnunet.py [--image CT] [--repeats N] [--nnunet-venv DIR] [--work DIR]
+                                   [--systems flareseg nnunet_iso2.5]   # a subset (flareseg always runs)
     python bench/compare_nnunet.py --tiny               # seconds-long smoke run (the tests); no nnU-Net unless
                                                         # --with-nnunet is given and the venv exists
 
@@ -251,6 +252,9 @@ def main() -> int:
     parser.add_argument(
         "--backend", choices=("torch", "openvino"), help="flareseg's predict.backend (default: openvino if installed)"
     )
+    parser.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="a subset to run (default: all three)"
+    )
     parser.add_argument("--tiny", action="store_true", help="small phantom and networks: checks that the script runs")
     parser.add_argument("--with-nnunet", action="store_true", help="with --tiny: run nnU-Net too (on tiny data)")
     args = parser.parse_args()
@@ -313,6 +317,8 @@ def main() -> int:
                 print(f"nnU-Net setup failed: {error}", file=sys.stderr)
                 return 1
             for name, (plans, _) in NNUNET_PLANS.items():
+                if name not in args.systems:
+                    continue
                 commands[name] = nnunet.command(plans, inputs, Path("{out}"))
                 configurations[name] = nnunet.describe(plans)
 

@@ -43,7 +43,10 @@ def small_volume() -> tuple[np.ndarray, Geometry]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_export_cache(tmp_path_factory):
-    """The OpenVINO backend's ONNX exports go to a per-session folder, not the user's ~/.cache."""
+    """The OpenVINO backend's ONNX exports go to a per-session folder, not the user's ~/.cache. And `auto` means
+    torch in this process: it forks DataLoader workers after predicting, which crashed once OpenVINO had run in it
+    (see flareseg/inference/backends.py); the OpenVINO tests run in fresh interpreters without this setting."""
     import os
 
     os.environ["FLARESEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("flareseg-cache"))
+    os.environ["FLARESEG_AUTO_BACKEND"] = "torch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,12 @@ def _checkpoint(tmp_path, name="fine"):
     )
 
 
-def test_backend_choice():
-    assert choose_backend("auto", CPU, "fp32") == "torch"  # OpenVINO is opt-in for now (see backends.py)
-    assert choose_backend("auto", CPU, "bf16") == "torch"
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("FLARESEG_AUTO_BACKEND", raising=False)
+    fastest = "openvino" if openvino_available() else "torch"
+    assert choose_backend("auto", CPU, "auto") == fastest
+    assert choose_backend("auto", CPU, "fp32") == fastest
+    assert choose_backend("auto", CPU, "fp16") == "torch"  # OpenVINO's CPU plugin has no fp16 here
     assert choose_backend("auto", torch.device("cuda"), "fp16") == "torch"
     assert choose_backend("torch", CPU, "fp32") == "torch"
     with pytest.raises(ValueError, match="runs on the CPU"):
@@ -47,6 +51,8 @@ def test_backend_choice():
         choose_backend("tensorrt", CPU, "fp32")
     with pytest.raises(ValueError, match="runs in fp32 or bf16, not fp16"):
         choose_backend("openvino", CPU, "fp16")
+    monkeypatch.setenv("FLARESEG_AUTO_BACKEND", "torch")
+    assert choose_backend("auto", CPU, "auto") == "torch"
 
 
 def test_precision_choice():
@@ -64,10 +70,12 @@ def test_classes_are_the_best_positive_logit():
 
 def _in_fresh_interpreter(check: str, tmp_path) -> None:
     """Run `check(tmp_path)` of this module in a new Python: the test process never loads OpenVINO, because a
-    process that loaded it and later forks (DataLoader workers in other tests) crashed."""
+    process that loaded it and later forks (DataLoader workers in other tests) crashed. There `auto` is the
+    product's default again (OpenVINO on the CPU)."""
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); import tests.test_backends as t; "
     code += f"t.{check}(__import__('pathlib').Path({str(tmp_path)!r}))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    env = {name: value for name, value in os.environ.items() if name != "FLARESEG_AUTO_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -79,6 +87,16 @@ def test_openvino_logits_and_labels_match_torch(tmp_path):
 @needs_openvino
 def test_openvino_bf16_labels_stay_close(tmp_path):
     _in_fresh_interpreter("check_openvino_bf16", tmp_path)
+
+
+@needs_openvino
+def test_forked_children_survive_collecting_openvino_objects(tmp_path):
+    _in_fresh_interpreter("check_fork_after_openvino", tmp_path)
+
+
+@needs_openvino
+def test_default_predictor_runs_openvino_on_the_cpu(tmp_path):
+    _in_fresh_interpreter("check_default_predictor", tmp_path)
 
 
 @needs_openvino
@@ -126,6 +144,52 @@ def check_openvino_bf16(tmp_path):
     a, b = on_torch.label_map(volume, (2.0, 1.0, 1.0)), on_openvino.label_map(volume, (2.0, 1.0, 1.0))
     assert a.shape == b.shape and b.dtype == torch.uint8
     assert (a == b).float().mean() > 0.97
+
+
+def _collect_garbage_and_exit() -> None:
+    import gc
+
+    gc.collect()
+
+
+def check_fork_after_openvino(tmp_path):
+    """A forked child that garbage-collects an OpenVINO runner left in an uncollected reference cycle by its parent
+    hung in the runner's destructor (every time, measured); the fork hook of backends.py prevents it."""
+    import multiprocessing
+
+    stage = StageModel(_checkpoint(tmp_path), CPU, "fp32", backend="openvino")
+    stage.label_map(torch.zeros(20, 20, 20), (1.0, 1.0, 1.0))
+    cycle = [stage]
+    cycle.append(cycle)
+    del cycle, stage  # now garbage that only the collector can free
+    child = multiprocessing.get_context("fork").Process(target=_collect_garbage_and_exit)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        raise AssertionError("the forked child hung collecting OpenVINO objects")
+    assert child.exitcode == 0
+
+
+def check_default_predictor(tmp_path):
+    """predict.backend and predict.precision at their defaults: OpenVINO (bf16 where native) for both stages, and
+    the label map keeps the input's geometry."""
+    from flareseg.data.phantom import make_phantom
+    from flareseg.inference.backends import cpu_has_native_bf16
+    from flareseg.inference.predictor import Predictor
+    from flareseg.io import read_image, write_image
+
+    phantom = make_phantom(0, shape=(30, 40, 44), spacing=(3.0, 2.0, 2.0), orientation="ras")
+    image = write_image(tmp_path / "ct_0000.nii.gz", phantom.image, phantom.geometry)
+    coarse, fine = _checkpoint(tmp_path, "coarse"), _checkpoint(tmp_path, "fine")
+    predictor = Predictor(load_config(None, [f"predict.coarse={coarse}", f"predict.fine={fine}"]).predict)
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert [(s.backend, s.precision) for s in (predictor.roi, *predictor.segmenters)] == [("openvino", expected)] * 2
+    predictor.predict_file(image, tmp_path / "ct.nii.gz")
+    label, geometry = read_image(tmp_path / "ct.nii.gz")
+    source = read_image(image)[1]  # the input as written (NIfTI stores float32)
+    assert label.shape == phantom.image.shape and geometry.spacing == source.spacing
+    assert geometry.origin == source.origin and set(label.flatten().tolist()) <= {0, 1, 2, 3}
 
 
 def check_openvino_rejects_other_sizes(tmp_path):

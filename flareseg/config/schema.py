@@ -324,7 +324,7 @@ class PredictConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA; CPU: bf16 under OpenVINO if native
     threads: int | None = None  # CPU threads for torch and OpenVINO (null = all cores)
-    backend: Literal["auto", "torch", "openvino"] = "auto"  # openvino: CPU fp32, 3-4x faster; auto = torch for now
+    backend: Literal["auto", "torch", "openvino"] = "auto"  # auto: openvino on the CPU when installed, else torch
     margin_mm: float = 20.0  # grown on every side of the coarse organ box before the fine model
     coarse_min_volume_mm3: float = 1000.0  # coarse components smaller than this are dropped (the largest stays)
     fine_min_volume_mm3: float = 2000.0  # fine components smaller than this are dropped (the largest stays)

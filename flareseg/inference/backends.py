@@ -4,8 +4,18 @@
     openvino  CPU only: the network exported once to ONNX at its static input size and compiled by OpenVINO, in
               bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX) and float32 elsewhere.
               Needs the `openvino` extra (pip install "flareseg[openvino]").
-    auto      torch for now: OpenVINO stays opt-in because a process that loaded it and later forks (DataLoader
-              workers, fork-started pools) crashed with a segmentation fault in our test suite
+    auto      openvino on the CPU where it is installed (and the precision is fp32, bf16 or auto), else torch;
+              the environment variable FLARESEG_AUTO_BACKEND=torch makes it torch everywhere (the test suite
+              does so: its process forks DataLoader workers after predicting, see below)
+
+Forking after OpenVINO: a child process that garbage-collects OpenVINO objects inherited from its parent (objects
+in a reference cycle the parent had not collected yet) hangs in their destructor, waiting for executor threads
+that were not copied into the child. Loading the backend therefore registers an at-fork hook that freezes the
+garbage collector's view of existing objects around every fork: the child never collects what it inherited, the
+parent carries on as before. (flareseg's own pools start their workers with forkserver and need no hook.) One
+process that ran many OpenVINO predictions and then forked DataLoader workers (our test suite) still died with a
+segmentation fault that no small reproduction shows, so a process that will train after predicting should set
+FLARESEG_AUTO_BACKEND=torch or predict.backend: torch.
 
 A stage that runs its whole grid in one pass (a fixed-size stage) asks for class indices, not logits: the per-voxel
 "best class whose logit is > 0" is then part of the compiled graph, so the 13-channel float map at 192^3 (370 MB)
@@ -18,6 +28,7 @@ keyed by the checkpoint's content, the input size, the output and the torch vers
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import importlib.util
 import logging
@@ -36,6 +47,7 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 Output = Literal["logits", "classes"]
 BACKENDS = ("auto", "torch", "openvino")
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+AUTO_BACKEND_VARIABLE = "FLARESEG_AUTO_BACKEND"
 
 
 def openvino_available() -> bool:
@@ -47,7 +59,9 @@ def choose_backend(backend: str, device: torch.device, precision: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"predict.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "torch"
+        usable = device.type == "cpu" and precision in ("auto", *OPENVINO_PRECISIONS) and openvino_available()
+        usable = usable and os.environ.get(AUTO_BACKEND_VARIABLE, "openvino") != "torch"
+        return "openvino" if usable else "torch"
     if backend == "openvino":
         if device.type != "cpu":
             raise ValueError(f"predict.backend 'openvino' runs on the CPU, but predict.device is {device}")
@@ -127,6 +141,7 @@ class OpenVinoRunner:
     ):
         import openvino
 
+        _protect_forks()
         if precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"the OpenVINO backend runs in fp32 or bf16, not {precision}")
         self.input_size, self.output = tuple(input_size), output
@@ -147,6 +162,12 @@ class OpenVinoRunner:
         del outputs
         self.compiled.release_memory()
         return result
+
+
+@functools.cache
+def _protect_forks() -> None:
+    """Children forked from now on never garbage-collect the objects they inherit (see the module docstring)."""
+    os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
 
 
 def cache_dir() -> Path:
