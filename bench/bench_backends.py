@@ -62,7 +62,7 @@ def time_variants(found: dict, image: torch.Tensor, repeats: int) -> tuple[dict,
     """Seconds per variant (alternating, `repeats` each after one warm-up) and each variant's last output."""
     seconds, outputs = {variant: [] for variant in found}, {}
     with torch.inference_mode():
-        for variant, run in found.items():
+        for run in found.values():
             run(image)  # warm-up: kernel choice, buffer allocation
         for _ in range(repeats):
             for variant, run in found.items():

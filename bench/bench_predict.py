@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="auto", help="predict.backend: auto, torch or openvino")
     parser.add_argument("--precision", default="auto", help="predict.precision: auto, fp32, bf16 or fp16")
-    parser.add_argument("--outputs", choices=("phantom", "network"), help="see above (default: phantom without --image)")
+    parser.add_argument(
+        "--outputs", choices=("phantom", "network"), help="see above (default: phantom without --image)"
+    )
     parser.add_argument("--tiny", action="store_true", help="small phantom and networks: checks that the script runs")
     args = parser.parse_args()
     outputs = args.outputs or ("network" if args.image else "phantom")
@@ -167,7 +169,11 @@ def report(result: dict, args, outputs: str, repeats: int) -> None:
         f"{', '.join(result['backends'])}; {result['threads']} threads; later steps see {outputs} outputs; "
         f"median of {repeats} after a warm-up case, in a fresh process"
     )
-    print("| total s | " + " | ".join(f"{step} s" for step in STEPS) + " | case peak RSS MB | process peak RSS MB | GPU MB |")
+    print(
+        "| total s | "
+        + " | ".join(f"{step} s" for step in STEPS)
+        + " | case peak RSS MB | process peak RSS MB | GPU MB |"
+    )
     print("|---" * (len(STEPS) + 4) + "|")
     steps = {step: median(run["steps"].get(step, 0.0) for run in runs) for step in STEPS}
     gpu = median(run["gpu"] for run in runs) if runs[0]["gpu"] is not None else None

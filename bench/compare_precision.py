@@ -57,8 +57,10 @@ def predict_variant(demo: Path, out: Path, backend: str, precision: str) -> floa
     summary = predict_folder(config, demo / "phantoms" / "imagesTs", out, progress=False)
     if not summary.ok:
         raise RuntimeError(f"{backend} {precision}: {summary.failed}")
-    return statistics.median(sum(float(row[step]) for step in ("read", "coarse", "box", "fine", "postprocess", "write"))
-                             for row in summary.rows)
+    return statistics.median(
+        sum(float(row[step]) for step in ("read", "coarse", "box", "fine", "postprocess", "write"))
+        for row in summary.rows
+    )
 
 
 def differing_share(reference: Path, other: Path) -> float:
@@ -96,8 +98,10 @@ def main() -> int:
             _, summary = evaluate_folder(demo / "phantoms" / "labelsTs", out, preset=PRESET, workers=1)
             rows.append((backend, precision, summary["mean"]["dsc"], summary["mean"]["nsd"], out, seconds))
         reference = rows[0][4]
-        print(f"demo {args.demo or '(run here)'}: {len(list(reference.glob('*.nii.gz')))} held-out phantoms, "
-              f"{PRESET.name} protocol")
+        print(
+            f"demo {args.demo or '(run here)'}: {len(list(reference.glob('*.nii.gz')))} held-out phantoms, "
+            f"{PRESET.name} protocol"
+        )
         print("| backend | precision | mean DSC | mean NSD | differs from torch fp32 | s per case |")
         print("|---|---|---|---|---|---|")
         for backend, precision, dsc, nsd, out, seconds in rows:

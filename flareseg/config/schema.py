@@ -322,7 +322,8 @@ class PredictConfig:
     fine: Path | None = None  # fine checkpoint
     stages: list[Path] | None = None  # any chain instead: first = ROI (whole volume), the rest segment inside it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA; CPU: bf16 under OpenVINO if native
+    # auto: fp16 on CUDA; on the CPU bf16 under OpenVINO where the CPU has native bf16, else fp32
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     threads: int | None = None  # CPU threads for torch and OpenVINO (null = all cores)
     backend: Literal["auto", "torch", "openvino"] = "auto"  # auto: openvino on the CPU when installed, else torch
     margin_mm: float = 20.0  # grown on every side of the coarse organ box before the fine model
