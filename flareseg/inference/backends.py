@@ -150,6 +150,7 @@ class OpenVinoRunner:
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
             "INFERENCE_NUM_THREADS": threads,
+            "CACHE_DIR": str(cache_dir() / "openvino"),  # compiled networks: later processes load, not compile
         }
         self.compiled = openvino.Core().compile_model(str(onnx_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
