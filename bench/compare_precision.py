@@ -21,24 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from flareseg.config import load_config
-from flareseg.demo import PRESET, DemoSettings, run_demo
+from flareseg.demo import PRESET, SMOKE_SETTINGS, DemoSettings, run_demo
 from flareseg.evaluation import evaluate_folder
 from flareseg.inference.backends import openvino_available
 from flareseg.inference.batch import predict_folder
 from flareseg.io import read_image
 
 VARIANTS = (("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
-TINY = DemoSettings(
-    train_cases=3,
-    test_cases=2,
-    shape=(28, 48, 48),
-    coarse_size=24,
-    fine_size=32,
-    coarse_channels=(4, 8, 8, 16),
-    fine_channels=(4, 8, 8, 16, 16),
-    steps_per_epoch=1,
-    reserve_seconds=0.0,
-)
 
 
 def predict_variant(demo: Path, out: Path, backend: str, precision: str) -> float:
@@ -88,7 +77,7 @@ def main() -> int:
         demo = args.demo
         if demo is None:
             demo = tmp / "demo"
-            minutes, settings = (0.0, TINY) if args.tiny else (args.minutes, DemoSettings())
+            minutes, settings = (0.0, SMOKE_SETTINGS) if args.tiny else (args.minutes, DemoSettings())
             run_demo(demo, minutes=minutes, device="cpu", settings=settings, progress=not args.tiny)
         rows = []
         for backend, precision in VARIANTS:

@@ -65,6 +65,20 @@ class DemoSettings:
     val_every: int = 10  # epochs between validations (the last epoch always validates)
 
 
+# Tiny phantoms and networks: seconds per phase, for smoke runs (tests, bench --tiny); the real defaults are above.
+SMOKE_SETTINGS = DemoSettings(
+    train_cases=5,
+    test_cases=2,
+    shape=(28, 48, 48),
+    coarse_size=24,
+    fine_size=32,
+    coarse_channels=(4, 8, 8, 16),
+    fine_channels=(4, 8, 8, 16, 16),
+    steps_per_epoch=2,
+    reserve_seconds=0.0,
+)
+
+
 @dataclass
 class DemoResult:
     """What a demo run produced: the evaluation summary (flareseg.evaluation), phase times and the report."""

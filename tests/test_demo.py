@@ -11,21 +11,10 @@ from pathlib import Path
 import pytest
 
 from flareseg import cli
-from flareseg.demo import ORGANS, DemoSettings, run_demo
+from flareseg.demo import ORGANS, SMOKE_SETTINGS, run_demo
 from flareseg.io import read_image
 
-# Tiny phantoms and networks: seconds per phase (the real defaults are exercised by `flareseg demo` itself).
-TINY = DemoSettings(
-    train_cases=5,
-    test_cases=2,
-    shape=(28, 48, 48),
-    coarse_size=24,
-    fine_size=32,
-    coarse_channels=(4, 8, 8, 16),
-    fine_channels=(4, 8, 8, 16, 16),
-    steps_per_epoch=2,
-    reserve_seconds=0.0,
-)
+TINY = SMOKE_SETTINGS  # seconds per phase (the real defaults are exercised by `flareseg demo` itself)
 
 
 @pytest.fixture(scope="module")
