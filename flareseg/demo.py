@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flareseg.atomic import atomic_write_text
 from flareseg.config import Config, load_config
 from flareseg.evaluation import get_preset
 
@@ -428,11 +429,7 @@ def write_report(
         "prepare's in `prepared/config.yaml`, the predictor's in `predictions/config.yaml`.",
         "",
     ]
-    path = out / REPORT
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / REPORT, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flareseg.atomic import atomic_write
 from flareseg.io import Geometry, to_canonical
 
 DISPLAY_WINDOW = (-160.0, 240.0)  # soft-tissue window for the picture
@@ -66,13 +67,10 @@ def overlay_png(
         figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     if truth is not None:
         figure.suptitle("prediction (solid) and ground truth (dashed)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, bbox_inches="tight"))
+    finally:
+        plt.close(figure)
 
 
 def _name(value: int, names: list[str] | None) -> str:

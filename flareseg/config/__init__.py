@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from flareseg.atomic import atomic_write_text
 from flareseg.config.loader import ConfigError, apply_override, build_config, read_yaml, set_value, to_plain
 from flareseg.config.schema import FLARE_ORGANS, Config
 
@@ -30,13 +31,9 @@ def save_config(config: Config, folder: str | os.PathLike) -> Path:
     """Write the resolved config (absolute paths, every key) into `folder`/config.yaml, atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / CONFIG_FILE_NAME
-    tmp = folder / f".{CONFIG_FILE_NAME}.tmp-{os.getpid()}"
     text = "# Resolved flareseg config: every key, as this run used it.\n"
     text += yaml.safe_dump(to_plain(config), sort_keys=False, default_flow_style=None)
-    tmp.write_text(text)
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(folder / CONFIG_FILE_NAME, text)
 
 
 __all__ = ["FLARE_ORGANS", "Config", "ConfigError", "load_config", "save_config", "set_value", "to_plain"]

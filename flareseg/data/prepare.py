@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from collections import deque
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from flareseg import __version__
+from flareseg.atomic import atomic_path
 from flareseg.config import Config, ConfigError, save_config, to_plain
 from flareseg.data.cases import CaseFiles, default_annotated_file, find_cases, read_annotated_file
 from flareseg.data.index import IndexWriter
@@ -218,12 +218,10 @@ def _write_splits(index: IndexWriter, folds: int, seed: int) -> None:
 
 
 def _write_failures(path: Path, failed: list[tuple[str, str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["case", "reason"])
         writer.writerows(failed)
-    os.replace(tmp, path)
 
 
 def _report(message: str) -> None:

@@ -7,7 +7,6 @@ later, in the training dataset or on the inference device.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flareseg.atomic import atomic_path
 from flareseg.config.schema import Config, GridConfig
 from flareseg.data.cases import CaseFiles, label_grid_problem
 from flareseg.data.crop import Box, bounding_box, expand_box_mm
@@ -199,11 +199,8 @@ def _save_array(out_dir: Path, case_id: str, name: str, array: np.ndarray) -> st
     """Save atomically as .npy (memory-mappable by the loaders); returns the path relative to `out_dir`."""
     relative = Path(ARRAY_DIR) / f"{case_id}_{name}.npy"
     target = out_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.ascontiguousarray(array))
-    os.replace(tmp, target)
     return relative.as_posix()
 
 

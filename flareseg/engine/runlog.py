@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from flareseg.atomic import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "training_curve.png"
@@ -29,9 +30,7 @@ class RunLog:
     def add(self, record: dict, plot: bool = True) -> None:
         """Record one epoch: rewrite the JSONL (so a resumed run never shows epochs twice) and maybe the curve."""
         self.history = [r for r in self.history if r["epoch"] < record["epoch"]] + [record]
-        tmp = self.out_dir / f".{METRICS_FILE}.tmp-{os.getpid()}"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, self.out_dir / METRICS_FILE)
+        atomic_write_text(self.out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
         if plot:
             self._plot()
         if self._writer is not None:
@@ -70,7 +69,7 @@ class RunLog:
             dice_axis.set_ylabel("mean validation Dice", color="tab:red")
             dice_axis.set_ylim(0, 1)
         figure.tight_layout()
-        tmp = self.out_dir / f".{CURVE_FILE}.tmp-{os.getpid()}.png"
-        figure.savefig(tmp)
-        plt.close(figure)
-        os.replace(tmp, self.out_dir / CURVE_FILE)
+        try:
+            atomic_write(self.out_dir / CURVE_FILE, figure.savefig)
+        finally:
+            plt.close(figure)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flareseg.atomic import atomic_write_text
 from flareseg.evaluation.protocol import Preset, Score, get_preset, score_case, summarize
 from flareseg.io import ImageReadError, image_suffix, read_image, strip_image_suffix
 
@@ -177,10 +178,4 @@ def _csv_text(scores: list[Score]) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text)

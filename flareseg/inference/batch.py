@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flareseg.atomic import atomic_path
 from flareseg.config import Config, save_config
 from flareseg.data.cases import find_images
 from flareseg.inference.predictor import Predictor
@@ -76,9 +76,7 @@ def predict_folder(config: Config, input_dir: Path, out_dir: Path, progress: boo
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     columns = ["case", "status", "seconds", *STEPS, "peak_rss_mb", "peak_gpu_mb", "message"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from flareseg.atomic import atomic_write
 from flareseg.io.geometry import Geometry
 from flareseg.io.nifti_check import check_nifti
 
@@ -112,15 +112,8 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
         raise ValueError(f"{path}: unsupported output format; use one of {', '.join(IMAGE_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(array, geometry)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp_name, useCompression=compress and suffix != ".nii")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    use_compression = compress and suffix != ".nii"
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=use_compression))
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from flareseg.atomic import atomic_write
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -20,7 +21,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | os.P
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
         traced = torch.jit.trace(model, example)
-    return _atomic(path, lambda tmp: traced.save(tmp))
+    return atomic_write(path, lambda tmp: traced.save(str(tmp)))
 
 
 def export_onnx(
@@ -33,7 +34,7 @@ def export_onnx(
         raise RuntimeError("ONNX export needs the onnx extra: pip install 'flareseg[onnx]'") from None
     model = model.eval()
 
-    def write(tmp: str) -> None:
+    def write(tmp: Path) -> None:
         # the exporter's notes about torchvision operators and deprecated pytree classes do not concern these networks
         registration = logging.getLogger("torch.onnx._internal.exporter._registration")
         level = registration.level
@@ -54,7 +55,7 @@ def export_onnx(
             registration.setLevel(level)
         program.save(tmp)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -63,17 +64,3 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state, strict=True)
-
-
-def _atomic(path: str | os.PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flareseg.atomic import atomic_path, atomic_write_text
 from flareseg.config import ConfigError
 from flareseg.config.schema import PredictConfig
 from flareseg.data.cases import ANNOTATED_FILE, CaseFiles, find_cases, label_grid_problem
@@ -174,15 +175,11 @@ def _remove_stale(out_dir: Path, case_id: str) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["case", "status", "filled", "message"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flareseg.atomic import atomic_write_text
 from flareseg.config.schema import PredictConfig
 from flareseg.data.cases import find_images
 from flareseg.inference.predictor import Predictor
@@ -90,10 +91,8 @@ def select_unlabeled(
         present = set(np.unique(reference).tolist())
         result.missing_labels[case_id] = [k for k in expected if k not in present]
     result.selected = select(result.scores, result.missing_labels, threshold, top)
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(
+    atomic_write_text(
+        out_file,
         json.dumps(
             {
                 "selected": result.selected,
@@ -105,7 +104,6 @@ def select_unlabeled(
             },
             indent=1,
         )
-        + "\n"
+        + "\n",
     )
-    os.replace(tmp, out_file)
     return result
