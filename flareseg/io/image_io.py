@@ -9,20 +9,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from flareseg.atomic import atomic_write
+from flareseg.io.dicom import read_dicom_series
+from flareseg.io.errors import ImageReadError
 from flareseg.io.geometry import Geometry
+from flareseg.io.gzip_check import scan_gzip, verify_gzip_voxels
 from flareseg.io.nifti_check import check_nifti
+from flareseg.io.stream_check import verify_compressed_voxels
 
 # Longest first, so that ".nii.gz" wins over ".gz"-less matches.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-class ImageReadError(ValueError):
-    """An input image that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 def image_suffix(path: str | os.PathLike) -> str | None:
@@ -68,26 +63,30 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Read a 3D scalar image file or DICOM series folder into a [z, y, x] array and its geometry.
 
-    Raises ImageReadError naming the file and the reason for anything unusable: unreadable or truncated
-    files, non-3D or vector images, non-finite voxels, zero or negative spacing.
+    Raises ImageReadError naming the file and the reason for anything unusable: unreadable, truncated or corrupt
+    files (the checksum of compressed .nii.gz, .mha or .nrrd data must match the voxels ITK returns), non-3D or
+    vector images, NaN or infinite voxels (looked for in the raw NIfTI data, which ITK turns into 0), zero or
+    negative spacing, DICOM series with missing, duplicated or unevenly spaced slices or mixed orientations.
     """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "no such file or folder")
-    if path.is_file() and image_suffix(path) in (".nii", ".nii.gz"):
-        problem = check_nifti(path)
-        if problem:
-            raise ImageReadError(path, problem)
+    suffix = image_suffix(path) if path.is_file() else None
+    header = check_nifti(path) if suffix in (".nii", ".nii.gz") else None
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-    except ImageReadError:
-        raise
+        image = read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
+        if suffix == ".nii.gz":
+            scan_gzip(path, header)  # a damaged stream is the likely cause: name it
         raise ImageReadError(path, f"cannot be read as an image ({_itk_reason(error)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(
             path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image"
         )
+    if suffix == ".nii.gz":
+        verify_gzip_voxels(path, sitk.GetArrayViewFromImage(image), header)
+    elif suffix in (".mha", ".nrrd"):
+        verify_compressed_voxels(path, suffix, sitk.GetArrayViewFromImage(image))
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
@@ -114,20 +113,6 @@ def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, 
     image = to_sitk(array, geometry)
     use_compression = compress and suffix != ".nii"
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=use_compression))
-
-
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    """The largest DICOM series in a folder; series whose UIDs are empty strings are read too."""
-    reader = sitk.ImageSeriesReader()
-    series_ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise ImageReadError(folder, "is a folder without a readable DICOM series")
-    file_lists = [reader.GetGDCMSeriesFileNames(str(folder), series_id) for series_id in series_ids]
-    files = max(file_lists, key=len)
-    if len(files) < 2:
-        raise ImageReadError(folder, f"its DICOM series has {len(files)} slice; expected a 3D volume")
-    reader.SetFileNames(files)
-    return reader.Execute()
 
 
 def _itk_reason(error: RuntimeError) -> str:

@@ -1,77 +1,141 @@
-"""Header checks for NIfTI files that ITK lets through: zero spacing (ITK silently turns it into 1 mm) and
-truncated data (ITK's gzip reader returns zeros for the missing part without an error)."""
+"""Checks for NIfTI files on what ITK lets through: zero spacing (ITK silently turns it into 1 mm), truncated data
+(ITK returns zeros for the missing part without an error) and NaN or infinite float voxels (ITK's NIfTI reader
+replaces them with 0, so they cannot be seen in what it returns).
+
+The header is parsed here only to validate the file; ITK alone interprets it for the voxels and the geometry that
+`read_image` returns.
+"""
 
 from __future__ import annotations
 
 import gzip
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-# (header size, dim format, dim offset, bitpix offset, pixdim format, pixdim offset, vox_offset format, offset)
+import numpy as np
+
+from flareseg.io.errors import ImageReadError
+
+# (dim format, dim offset, datatype offset, bitpix offset, pixdim format, pixdim offset, vox_offset format, offset)
 _LAYOUTS = {
-    348: ("8h", 40, 72, "8f", 76, "f", 108),  # NIfTI-1
-    540: ("8q", 16, 14, "8d", 104, "q", 168),  # NIfTI-2
+    348: ("8h", 40, 70, 72, "8f", 76, "f", 108),  # NIfTI-1
+    540: ("8q", 16, 12, 14, "8d", 104, "q", 168),  # NIfTI-2
 }
+_FLOAT_DATATYPES = {16: "f4", 64: "f8"}  # NIFTI_TYPE_FLOAT32, NIFTI_TYPE_FLOAT64
+_BLOCK = 1 << 24  # bytes counted at a time: bounded memory on any volume (a multiple of every item size)
 
 
-def check_nifti(path: Path) -> str | None:
-    """The reason a NIfTI file is unusable, or None when its header and data length are sound."""
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The few header fields the checks need."""
+
+    byte_order: str  # "<" or ">"
+    dims: tuple[int, ...]  # dim[0..7]
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]
+    vox_offset: int  # where the voxel data starts in the (uncompressed) file
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of voxel data the header announces."""
+        return _product(self.dims[1 : self.dims[0] + 1]) * self.bitpix // 8
+
+    @property
+    def float_dtype(self) -> np.dtype | None:
+        """The raw numpy dtype of float voxels, None for every other datatype."""
+        code = _FLOAT_DATATYPES.get(self.datatype)
+        return np.dtype(self.byte_order + code) if code else None
+
+
+def check_nifti(path: Path) -> NiftiHeader | None:
+    """Validate a .nii or .nii.gz file before ITK reads it; its header, or None if it is not one we know.
+
+    Raises ImageReadError for an unreadable start, an invalid dimension count, zero or non-finite spacing, and,
+    for an uncompressed file, truncated data and non-finite float voxels (a .nii.gz file's data is checked after
+    the read, against its gzip trailer: see gzip_check).
+    """
     compressed = path.name.lower().endswith(".gz")
     try:
         with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             head = handle.read(540)
     except (OSError, EOFError, zlib.error) as error:
-        return f"cannot be read as an image ({error})"
-    parsed = _parse(head)
-    if parsed is None:
+        raise ImageReadError(path, f"cannot be read as an image ({error})") from None
+    header = parse_header(head)
+    if header is None:
         return None  # not a NIfTI header we know; ITK will judge it
-    dims, bitpix, pixdim, vox_offset = parsed
-    ndim = dims[0]
+    ndim = header.dims[0]
     if not 1 <= ndim <= 7:
-        return f"has an invalid NIfTI header (dim[0] = {ndim})"
-    spacing = pixdim[1 : min(ndim, 3) + 1]
-    if any(not (s == s and abs(s) < float("inf")) or s == 0 for s in spacing):
-        return f"has zero or non-finite voxel spacing in its header (pixdim {list(spacing)})"
-    expected = int(vox_offset) + _product(dims[1 : ndim + 1]) * bitpix // 8
-    actual = _data_length(path, compressed, expected)
-    if actual is not None and actual < expected:
-        return f"is truncated: {actual} bytes of image data where the header needs {expected}"
-    return None
+        raise ImageReadError(path, f"has an invalid NIfTI header (dim[0] = {ndim})")
+    spacing = header.pixdim[1 : min(ndim, 3) + 1]
+    if any(not np.isfinite(s) or s == 0 for s in spacing):
+        raise ImageReadError(path, f"has zero or non-finite voxel spacing in its header (pixdim {list(spacing)})")
+    if not compressed:
+        expected = header.vox_offset + header.data_bytes
+        actual = path.stat().st_size
+        if actual < expected:
+            raise ImageReadError(path, f"is truncated: {actual} bytes where the header needs {expected}")
+        if header.float_dtype is not None:
+            data = np.memmap(path, np.uint8, "r", offset=header.vox_offset, shape=header.data_bytes)
+            counter = NonFiniteCounter(header.float_dtype)
+            for start in range(0, data.size, _BLOCK):
+                counter.feed(data[start : start + _BLOCK])
+            raise_if_non_finite(path, counter.count)
+    return header
 
 
-def _parse(head: bytes):
+def parse_header(head: bytes) -> NiftiHeader | None:
+    """The NIfTI-1 or NIfTI-2 header at the start of `head`, in either byte order; None if there is none."""
     for order in "<>":
         if len(head) < 4:
             return None
         (size,) = struct.unpack(order + "i", head[:4])
         if size in _LAYOUTS and len(head) >= size:
-            dim_fmt, dim_at, bitpix_at, pix_fmt, pix_at, vox_fmt, vox_at = _LAYOUTS[size]
-            dims = struct.unpack_from(order + dim_fmt, head, dim_at)
-            (bitpix,) = struct.unpack_from(order + "h", head, bitpix_at)
-            pixdim = struct.unpack_from(order + pix_fmt, head, pix_at)
+            dim_fmt, dim_at, type_at, bitpix_at, pix_fmt, pix_at, vox_fmt, vox_at = _LAYOUTS[size]
             (vox_offset,) = struct.unpack_from(order + vox_fmt, head, vox_at)
-            return dims, bitpix, pixdim, max(vox_offset, size)
+            return NiftiHeader(
+                byte_order=order,
+                dims=struct.unpack_from(order + dim_fmt, head, dim_at),
+                datatype=struct.unpack_from(order + "h", head, type_at)[0],
+                bitpix=struct.unpack_from(order + "h", head, bitpix_at)[0],
+                pixdim=struct.unpack_from(order + pix_fmt, head, pix_at),
+                vox_offset=max(int(vox_offset), size),
+            )
     return None
 
 
-def _data_length(path: Path, compressed: bool, expected: int) -> int | None:
-    """Uncompressed length of the file; for gzip first from its trailer (O(1)), decompressing only if it disagrees."""
-    if not compressed:
-        return path.stat().st_size
-    with open(path, "rb") as handle:
-        handle.seek(-4, 2)
-        (trailer_size,) = struct.unpack("<I", handle.read(4))
-    if trailer_size == expected % (1 << 32):
-        return None  # the gzip trailer records exactly the expected length
-    total = 0
-    try:
-        with gzip.open(path, "rb") as handle:
-            while chunk := handle.read(1 << 16):
-                total += len(chunk)
-    except (OSError, EOFError, zlib.error):
-        return total  # the stream ends early: what could be read is all there is
-    return total
+class NonFiniteCounter:
+    """Counts NaN and infinite values in raw float data fed in pieces of any length (a piece may split a value)."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.count = 0
+        self._carry = b""  # the first bytes of a value split between two pieces
+
+    def feed(self, piece) -> None:
+        piece = memoryview(piece).cast("B")
+        if self._carry:
+            take = min(self.dtype.itemsize - len(self._carry), len(piece))
+            self._carry += bytes(piece[:take])
+            piece = piece[take:]
+            if len(self._carry) < self.dtype.itemsize:
+                return
+            self._count(np.frombuffer(self._carry, self.dtype))
+            self._carry = b""
+        whole = len(piece) - len(piece) % self.dtype.itemsize
+        self._count(np.frombuffer(piece[:whole], self.dtype))
+        self._carry = bytes(piece[whole:])
+
+    def _count(self, values: np.ndarray) -> None:
+        self.count += values.size - int(np.count_nonzero(np.isfinite(values)))
+
+
+def raise_if_non_finite(path: Path, count: int) -> None:
+    """The one message for NaN or infinite voxels, whichever check found them."""
+    if count:
+        raise ImageReadError(path, f"contains {count} NaN or infinite voxels")
 
 
 def _product(values) -> int:
