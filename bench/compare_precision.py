@@ -83,8 +83,7 @@ def main() -> int:
         for backend, precision in VARIANTS:
             out = tmp / f"{backend}-{precision}"
             seconds = predict_variant(demo, out, backend, precision)
-            # one worker: this process has loaded OpenVINO, and forking after that is not safe
-            _, summary = evaluate_folder(demo / "phantoms" / "labelsTs", out, preset=PRESET, workers=1)
+            _, summary = evaluate_folder(demo / "phantoms" / "labelsTs", out, preset=PRESET)  # workers never fork
             rows.append((backend, precision, summary["mean"]["dsc"], summary["mean"]["nsd"], out, seconds))
         reference = rows[0][4]
         print(

@@ -40,6 +40,17 @@ def die_with_parent(sig: int = signal.SIGTERM, expected_parent: int | None = Non
     return True
 
 
+def tie_to_process(main_pid: int) -> None:
+    """In a worker started from the fork server: end this worker when the process that asked for it (`main_pid`)
+    ends, even by SIGKILL.
+
+    Such a worker is a child of the fork server, not of `main_pid`, and the fork server waits for its workers
+    before it exits: the watchdog ends the worker once `main_pid` is gone; the kernel's parent-death signal covers
+    a fork server that is killed on its own."""
+    die_with_parent()
+    parent_watchdog(main_pid)
+
+
 def parent_watchdog(pid: int, interval: float = 1.0) -> threading.Thread:
     """A daemon thread that ends this process (exit status 1) once process `pid` no longer exists."""
 

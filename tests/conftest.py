@@ -16,6 +16,19 @@ DICOM_SERIES = SHARED_DATA / "ct_dicom_20sl" / "dicom"
 DICOM_LABEL = SHARED_DATA / "ct_dicom_20sl" / "label.nii.gz"
 
 
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """Coarse and fine checkpoints (liver, kidney, spleen) trained for a few steps: enough to run, not to be
+    accurate. One pair for the session: every module that predicts with them shares their OpenVINO export."""
+    from flareseg.data.phantom import write_phantom_dataset
+    from tests.tiny import LABELS, LIVER_KIDNEY_SPLEEN, prepare_tiny, train_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    write_phantom_dataset(root / "raw", 3, seed=2, shape=(32, 48, 48))
+    data = prepare_tiny(root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=1")
+    return train_tiny(data, root / "coarse", "coarse", LABELS), train_tiny(data, root / "fine", "fine", LABELS)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not ABDOMEN_IMAGE.is_file() or not DICOM_SERIES.is_dir():
@@ -43,10 +56,7 @@ def small_volume() -> tuple[np.ndarray, Geometry]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_export_cache(tmp_path_factory):
-    """The OpenVINO backend's ONNX exports go to a per-session folder, not the user's ~/.cache. And `auto` means
-    torch in this process: it forks DataLoader workers after predicting, which crashed once OpenVINO had run in it
-    (see flareseg/inference/backends.py); the OpenVINO tests run in fresh interpreters without this setting."""
+    """The OpenVINO backend's ONNX exports go to a per-session folder, not the user's ~/.cache."""
     import os
 
     os.environ["FLARESEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("flareseg-cache"))
-    os.environ["FLARESEG_AUTO_BACKEND"] = "torch"

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -37,8 +32,7 @@ def _checkpoint(tmp_path, name="fine"):
     )
 
 
-def test_backend_choice(monkeypatch):
-    monkeypatch.delenv("FLARESEG_AUTO_BACKEND", raising=False)
+def test_backend_choice():
     fastest = "openvino" if openvino_available() else "torch"
     assert choose_backend("auto", CPU, "auto") == fastest
     assert choose_backend("auto", CPU, "fp32") == fastest
@@ -51,8 +45,6 @@ def test_backend_choice(monkeypatch):
         choose_backend("tensorrt", CPU, "fp32")
     with pytest.raises(ValueError, match="runs in fp32 or bf16, not fp16"):
         choose_backend("openvino", CPU, "fp16")
-    monkeypatch.setenv("FLARESEG_AUTO_BACKEND", "torch")
-    assert choose_backend("auto", CPU, "auto") == "torch"
 
 
 def test_precision_choice():
@@ -68,43 +60,8 @@ def test_classes_are_the_best_positive_logit():
     assert classes_from_logits(logits).dtype == torch.uint8
 
 
-def _in_fresh_interpreter(check: str, tmp_path) -> None:
-    """Run `check(tmp_path)` of this module in a new Python: the test process never loads OpenVINO, because a
-    process that loaded it and later forks (DataLoader workers in other tests) crashed. There `auto` is the
-    product's default again (OpenVINO on the CPU)."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); import tests.test_backends as t; "
-    code += f"t.{check}(__import__('pathlib').Path({str(tmp_path)!r}))"
-    env = {name: value for name, value in os.environ.items() if name != "FLARESEG_AUTO_BACKEND"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @needs_openvino
 def test_openvino_logits_and_labels_match_torch(tmp_path):
-    _in_fresh_interpreter("check_openvino_matches_torch", tmp_path)
-
-
-@needs_openvino
-def test_openvino_bf16_labels_stay_close(tmp_path):
-    _in_fresh_interpreter("check_openvino_bf16", tmp_path)
-
-
-@needs_openvino
-def test_forked_children_survive_collecting_openvino_objects(tmp_path):
-    _in_fresh_interpreter("check_fork_after_openvino", tmp_path)
-
-
-@needs_openvino
-def test_default_predictor_runs_openvino_on_the_cpu(tmp_path):
-    _in_fresh_interpreter("check_default_predictor", tmp_path)
-
-
-@needs_openvino
-def test_openvino_rejects_inputs_of_another_size(tmp_path):
-    _in_fresh_interpreter("check_openvino_rejects_other_sizes", tmp_path)
-
-
-def check_openvino_matches_torch(tmp_path):
     path = _checkpoint(tmp_path)
     on_torch = StageModel(path, CPU, "fp32", backend="torch")
     on_openvino = StageModel(path, CPU, "fp32", backend="openvino")
@@ -130,7 +87,30 @@ def check_openvino_matches_torch(tmp_path):
     assert sorted((cache_dir() / "onnx").glob("fine-*.onnx")) == exports
 
 
-def check_openvino_bf16(tmp_path):
+@needs_openvino
+def test_exports_are_keyed_by_the_network_not_the_checkpoint_file(tmp_path):
+    """A copy of a checkpoint with other history (a resumed or retrained run, same weights) reuses the export;
+    other weights get their own."""
+    from flareseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    path = _checkpoint(tmp_path)
+    StageModel(path, CPU, "fp32", backend="openvino")
+    state = load_checkpoint(path)
+    state["history"] = [{"epoch": 99}]
+    save_checkpoint(tmp_path / "copy" / path.name, state)
+    exports = set((cache_dir() / "onnx").iterdir())
+    StageModel(tmp_path / "copy" / path.name, CPU, "fp32", backend="openvino")
+    assert set((cache_dir() / "onnx").iterdir()) == exports
+    state["model"] = {
+        name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in state["model"].items()
+    }
+    save_checkpoint(tmp_path / "other" / path.name, state)
+    StageModel(tmp_path / "other" / path.name, CPU, "fp32", backend="openvino")
+    assert len(set((cache_dir() / "onnx").iterdir()) - exports) == 1
+
+
+@needs_openvino
+def test_openvino_bf16_labels_stay_close(tmp_path):
     """bf16 (the default where the CPU computes it natively) keeps the labels of this untrained network to within
     3 % of the voxels (measured 99.0-99.3 %); trained networks differ far less (bench/compare_precision.py)."""
     from flareseg.inference.backends import cpu_has_native_bf16
@@ -146,32 +126,8 @@ def check_openvino_bf16(tmp_path):
     assert (a == b).float().mean() > 0.97
 
 
-def _collect_garbage_and_exit() -> None:
-    import gc
-
-    gc.collect()
-
-
-def check_fork_after_openvino(tmp_path):
-    """A forked child that garbage-collects an OpenVINO runner left in an uncollected reference cycle by its parent
-    hung in the runner's destructor (every time, measured); the fork hook of backends.py prevents it."""
-    import multiprocessing
-
-    stage = StageModel(_checkpoint(tmp_path), CPU, "fp32", backend="openvino")
-    stage.label_map(torch.zeros(20, 20, 20), (1.0, 1.0, 1.0))
-    cycle = [stage]
-    cycle.append(cycle)
-    del cycle, stage  # now garbage that only the collector can free
-    child = multiprocessing.get_context("fork").Process(target=_collect_garbage_and_exit)
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        raise AssertionError("the forked child hung collecting OpenVINO objects")
-    assert child.exitcode == 0
-
-
-def check_default_predictor(tmp_path):
+@needs_openvino
+def test_default_predictor_runs_openvino_on_the_cpu(tmp_path):
     """predict.backend and predict.precision at their defaults: OpenVINO (bf16 where native) for both stages, and
     the label map keeps the input's geometry."""
     from flareseg.data.phantom import make_phantom
@@ -192,7 +148,8 @@ def check_default_predictor(tmp_path):
     assert geometry.origin == source.origin and set(label.flatten().tolist()) <= {0, 1, 2, 3}
 
 
-def check_openvino_rejects_other_sizes(tmp_path):
+@needs_openvino
+def test_openvino_rejects_inputs_of_another_size(tmp_path):
     stage = StageModel(_checkpoint(tmp_path), CPU, "fp32", backend="openvino")
     with pytest.raises(ValueError, match="takes \\[32, 32, 32\\] inputs"):
         stage._forward(torch.zeros(1, 1, 16, 32, 32))

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -19,11 +18,12 @@ import numpy as np
 from flareseg.atomic import atomic_write_text
 from flareseg.evaluation.protocol import Preset, Score, get_preset, score_case, summarize
 from flareseg.io import ImageReadError, image_suffix, read_image, strip_image_suffix
+from flareseg.processes import tie_to_process
+from flareseg.workers import worker_context
 
 logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("case", "label", "organ", "dsc", "nsd")
-POOL_START_METHOD = "forkserver"  # workers start clean, with no threads or handles inherited from the caller
 SPACING_RTOL = 1e-4  # headers store spacing as float32; closer than this is the same grid
 
 
@@ -37,21 +37,28 @@ class CaseOutcome:
     missing_prediction: bool = False
 
 
-def find_label_maps(folder: str | os.PathLike) -> dict[str, Path]:
-    """{case id: file} for the `<case>.nii.gz` (.nii, .nrrd, .mha) files of a folder."""
+def find_label_maps(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, str]]:
+    """{case id: file} for the `<case>.nii.gz` (.nii, .nrrd, .mha) files of a folder, and {case id: "file: reason"}
+    for the cases it holds but cannot give (two files for one case, a broken symbolic link)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: not a folder")
-    found: dict[str, Path] = {}
+    candidates: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and image_suffix(path):
-            case = strip_image_suffix(path)
-            if case in found:
-                raise ValueError(f"two files for case '{case}': {found[case]} and {path}")
-            found[case] = path
-    return found
+        if not path.name.startswith(".") and not path.is_dir() and image_suffix(path):
+            candidates.setdefault(strip_image_suffix(path), []).append(path)
+    found: dict[str, Path] = {}
+    problems: dict[str, str] = {}
+    for case, paths in candidates.items():
+        if len(paths) > 1:  # which one is meant is unknown: that case fails, the others are evaluated
+            problems[case] = f"{' and '.join(map(str, paths))}: {len(paths)} files for case '{case}'; keep one"
+        elif paths[0].is_symlink() and not paths[0].exists():
+            problems[case] = f"{paths[0]}: broken symbolic link to {os.readlink(paths[0])}"
+        else:
+            found[case] = paths[0]
+    return found, problems
 
 
 def evaluate_folder(
@@ -64,25 +71,31 @@ def evaluate_folder(
     """Dice and NSD of every case of `gt_dir` against the file of the same case id in `pred_dir`.
 
     A missing prediction counts as an empty one. A prediction that cannot be read or whose grid (shape, spacing)
-    differs from its ground truth fails that case alone; failed cases are left out of the means and listed under
-    "failures". Cases run in `workers` processes. With `out` (a .csv path), the long table case,label,organ,dsc,nsd
-    is written there and the summary beside it (same stem, .json). Returns (scores, summary).
+    differs from its ground truth, two files for one case, or a broken link fails that case alone; failed cases are
+    left out of the means and listed under "failures". Cases run in `workers` processes. With `out` (a .csv path),
+    the long table case,label,organ,dsc,nsd is written there and the summary beside it (same stem, .json).
+    Returns (scores, summary).
     """
     preset = get_preset(preset)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    gt_files = find_label_maps(gt_dir)
-    if not gt_files:
+    if out is not None and Path(out).is_dir():  # checked before the work, not when writing its result
+        raise IsADirectoryError(f"{out}: is a folder; give a file name such as {Path(out) / 'scores.csv'}")
+    gt_files, gt_problems = find_label_maps(gt_dir)
+    if not gt_files and not gt_problems:
         raise FileNotFoundError(f"{gt_dir}: no label maps (<case>.nii.gz, .nii, .nrrd or .mha)")
-    pred_files = find_label_maps(pred_dir)
-    jobs = [(case, gt_path, pred_files.get(case), preset) for case, gt_path in gt_files.items()]
+    pred_files, pred_problems = find_label_maps(pred_dir)
+    cases = sorted({*gt_files, *gt_problems})
+    problems = {**{case: pred_problems[case] for case in cases if case in pred_problems}, **gt_problems}
+    jobs = [(case, gt_files[case], pred_files.get(case), preset) for case in cases if case not in problems]
     outcomes = {outcome.case: outcome for outcome in _run_all(jobs, workers)}
+    outcomes.update({case: CaseOutcome(case, error=message) for case, message in problems.items()})
 
-    scores = [score for case in gt_files for score in outcomes[case].scores]
+    scores = [score for case in cases for score in outcomes[case].scores]
     summary = summarize(scores, preset)
-    summary["missing_predictions"] = [case for case in gt_files if outcomes[case].missing_prediction]
-    summary["unmatched_predictions"] = sorted(set(pred_files) - set(gt_files))
-    summary["failures"] = {case: outcomes[case].error for case in gt_files if outcomes[case].error}
+    summary["missing_predictions"] = [case for case in cases if outcomes[case].missing_prediction]
+    summary["unmatched_predictions"] = sorted({*pred_files, *pred_problems} - set(cases))
+    summary["failures"] = {case: outcomes[case].error for case in cases if outcomes[case].error}
     for case in summary["missing_predictions"]:
         logger.warning("%s: no prediction in %s; scored as an empty prediction", case, pred_dir)
     for case, error in summary["failures"].items():
@@ -125,8 +138,10 @@ def _run_all(jobs: list[tuple], workers: int) -> Iterator[CaseOutcome]:
 
 def _run_pool(jobs: list[tuple], workers: int):
     """Yield outcomes of `jobs` run in a process pool; returns the jobs lost if the pool broke."""
-    context = multiprocessing.get_context(POOL_START_METHOD)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+    # workers start from the fork server, never forked from this process (see flareseg.workers)
+    with ProcessPoolExecutor(
+        workers, mp_context=worker_context(), initializer=_init_worker, initargs=(os.getpid(),)
+    ) as pool:
         running: dict[Future, tuple] = {pool.submit(_evaluate_case, *job): job for job in jobs}
         try:
             for future in as_completed(running):
@@ -161,9 +176,10 @@ def _evaluate_case(case: str, gt_path: Path, pred_path: Path | None, preset: Pre
         return CaseOutcome(case, error=f"{pred_path or gt_path}: {type(error).__name__}: {error}")
 
 
-def _init_worker() -> None:
+def _init_worker(main_pid: int) -> None:
     import SimpleITK as sitk
 
+    tie_to_process(main_pid)
     # One thread per worker process: the pool is the parallelism.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 

@@ -4,50 +4,49 @@
     openvino  CPU only: the network exported once to ONNX at its static input size and compiled by OpenVINO, in
               bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX) and float32 elsewhere.
               Needs the `openvino` extra (pip install "flareseg[openvino]").
-    auto      openvino on the CPU where it is installed (and the precision is fp32, bf16 or auto), else torch;
-              the environment variable FLARESEG_AUTO_BACKEND=torch makes it torch everywhere (the test suite
-              does so: its process forks DataLoader workers after predicting, see below)
+    auto      openvino on the CPU where it is installed (and the precision is fp32, bf16 or auto), else torch
 
-Forking after OpenVINO: a child process that garbage-collects OpenVINO objects inherited from its parent (objects
-in a reference cycle the parent had not collected yet) hangs in their destructor, waiting for executor threads
-that were not copied into the child. Loading the backend therefore registers an at-fork hook that freezes the
-garbage collector's view of existing objects around every fork: the child never collects what it inherited, the
-parent carries on as before. (flareseg's own pools start their workers with forkserver and need no hook.) One
-process that ran many OpenVINO predictions and then forked DataLoader workers (our test suite) still died with a
-segmentation fault that no small reproduction shows, so a process that will train after predicting should set
-FLARESEG_AUTO_BACKEND=torch or predict.backend: torch.
+OpenVINO runs thread pools in the process that uses it, so that process must never fork: a forked child inherits
+the pools' state without their threads (it hung collecting inherited OpenVINO objects). flareseg starts every worker
+process from the fork server instead (flareseg.workers), so predicting and then training in one process is safe.
+All runners share one Core for the life of the process (see openvino_core: Cores destroyed in the wrong order left
+the process on a freed signal stack, and it died of SIGSEGV at the next signal, such as a forked worker's exit).
 
 A stage that runs its whole grid in one pass (a fixed-size stage) asks for class indices, not logits: the per-voxel
 "best class whose logit is > 0" is then part of the compiled graph, so the 13-channel float map at 192^3 (370 MB)
 is never handed out; OpenVINO plans the rest of its buffers around that. Sliding-window stages need the logits.
 
 The ONNX export (10-20 s for the fine network) is cached under $FLARESEG_CACHE_DIR (default ~/.cache/flareseg),
-keyed by the checkpoint's content, the input size, the output and the torch version, so only the first run pays.
+keyed by the network's structure and weights, the input size, the output and the torch and flareseg versions, so
+only the first run pays.
+It logs one line before and one after (with its time); what the exporter says goes to debug logging.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from flareseg.models.runtime import autocast
 
+if TYPE_CHECKING:
+    import openvino
+
 log = logging.getLogger(__name__)
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Output = Literal["logits", "classes"]
 BACKENDS = ("auto", "torch", "openvino")
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-AUTO_BACKEND_VARIABLE = "FLARESEG_AUTO_BACKEND"
 
 
 def openvino_available() -> bool:
@@ -60,7 +59,6 @@ def choose_backend(backend: str, device: torch.device, precision: str) -> str:
         raise ValueError(f"predict.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         usable = device.type == "cpu" and precision in ("auto", *OPENVINO_PRECISIONS) and openvino_available()
-        usable = usable and os.environ.get(AUTO_BACKEND_VARIABLE, "openvino") != "torch"
         return "openvino" if usable else "torch"
     if backend == "openvino":
         if device.type != "cpu":
@@ -86,9 +84,21 @@ def choose_precision(precision: str, device: torch.device, backend: str) -> str:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@functools.cache
+def openvino_core() -> openvino.Core:
+    """The one OpenVINO Core of this process, kept until it exits.
+
+    Each Core loads its own CPU plugin, which points the calling thread's alternate signal stack at a buffer of its
+    own and, when destroyed, points it back at the one it found and frees its buffer. Two Cores destroyed in the
+    order they were made (two stage runners) left the main thread's signal stack on freed memory, and the next
+    signal with a Python handler (SIGCHLD from an exiting child process, Ctrl-C) crashed the process with SIGSEGV
+    (tests/test_faults_fork.py reproduces it). One Core that lives as long as the process never does that."""
     import openvino
 
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return openvino.Core()
 
 
 def classes_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -139,9 +149,6 @@ class OpenVinoRunner:
         precision: str = "fp32",
         output: Output = "logits",
     ):
-        import openvino
-
-        _protect_forks()
         if precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"the OpenVINO backend runs in fp32 or bf16, not {precision}")
         self.input_size, self.output = tuple(input_size), output
@@ -152,7 +159,7 @@ class OpenVinoRunner:
             "INFERENCE_NUM_THREADS": threads,
             "CACHE_DIR": str(cache_dir() / "openvino"),  # compiled networks: later processes load, not compile
         }
-        self.compiled = openvino.Core().compile_model(str(onnx_path), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(onnx_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -165,12 +172,6 @@ class OpenVinoRunner:
         return result
 
 
-@functools.cache
-def _protect_forks() -> None:
-    """Children forked from now on never garbage-collect the objects they inherit (see the module docstring)."""
-    os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("FLARESEG_CACHE_DIR", Path.home() / ".cache" / "flareseg"))
 
@@ -178,14 +179,11 @@ def cache_dir() -> Path:
 def _cached_onnx(model: nn.Module, checkpoint: Path, input_size: tuple[int, int, int], output: Output) -> Path:
     from flareseg.models.export import export_onnx
 
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"{list(input_size)} {output} torch {torch.__version__}".encode())
-    path = cache_dir() / "onnx" / f"{checkpoint.stem}-{output}-{digest.hexdigest()[:16]}.onnx"
+    digest = _network_digest(model, input_size, output)
+    path = cache_dir() / "onnx" / f"{checkpoint.stem}-{output}-{digest[:16]}.onnx"
     if not path.is_file():
-        log.info("exporting %s to ONNX for OpenVINO (once; cached in %s)", checkpoint, path.parent)
+        log.info("exporting %s for OpenVINO (once, cached in %s) ...", checkpoint, path.parent)
+        start = time.perf_counter()
         network = model.float().cpu().eval()
         export_onnx(
             ClassHead(network) if output == "classes" else network,
@@ -193,4 +191,18 @@ def _cached_onnx(model: nn.Module, checkpoint: Path, input_size: tuple[int, int,
             path,
             output_name=output,
         )
+        log.info("exporting %s for OpenVINO: done in %.1f s", checkpoint, time.perf_counter() - start)
     return path
+
+
+def _network_digest(model: nn.Module, input_size: tuple[int, int, int], output: Output) -> str:
+    """The key of an export: what decides its graph (the network's structure and weights, the input size, the
+    output, the torch and flareseg versions), not the rest of the checkpoint file (history, paths), so that copies of
+    a checkpoint, or a retraining to the same weights, share one export."""
+    from flareseg import __version__
+
+    digest = hashlib.sha256(f"{model!r} {list(input_size)} {output} {torch.__version__} {__version__}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
