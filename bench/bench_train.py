@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from flareseg.config import load_config
+from flareseg.data.index import INDEX_DIR, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
 from flareseg.data.training_sets import TrainingSamples
@@ -91,7 +92,7 @@ def _loader_rate(data: Path, config, stage: str, samples: int) -> tuple[tuple[in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one DataLoader worker gets
     try:
-        dataset = TrainingSamples(data / "index.lmdb", _labeled(data), config, stage, length=samples + 1)
+        dataset = TrainingSamples(data / INDEX_DIR, _labeled(data), config, stage, length=samples + 1)
         dataset[0]  # warm-up: page cache, imports
         times = []
         for k in range(1, samples + 1):
@@ -124,9 +125,7 @@ def _training_rate(config, device: torch.device, steps: int) -> float:
 
 
 def _labeled(data: Path) -> list[str]:
-    from flareseg.data.index import CaseIndex
-
-    index = CaseIndex(data / "index.lmdb")
+    index = CaseIndex(data / INDEX_DIR)
     return [case_id for case_id in index.case_ids() if index.get(case_id)["labeled"]]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flareseg.config import load_config
-from flareseg.data.index import IndexWriter, close_reader
+from flareseg.data.index import INDEX_DIR, META_SPLITS, IndexWriter, close_reader
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
 from flareseg.engine.cps import CrossPseudoSupervisionTrainer
@@ -49,11 +49,11 @@ def prepare(root: Path, tiny: bool, labeled: int | None) -> Path:
     )
     assert prepare_dataset(config, progress=False).ok
     if labeled is not None:  # fewer labeled training cases; the validation cases stay
-        index_path = data / "index.lmdb"
+        index_path = data / INDEX_DIR
         with IndexWriter(index_path) as index:
-            splits = index.get("__splits__")
+            splits = index.meta(META_SPLITS)
             splits["splits"][0]["train"] = splits["splits"][0]["train"][:labeled]
-            index.put("__splits__", splits)
+            index.put_meta(META_SPLITS, splits)
         close_reader(index_path)
     return data
 

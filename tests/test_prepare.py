@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from torch.utils.data import DataLoader
 
 from flareseg.cli import main
 from flareseg.config import ConfigError, load_config
 from flareseg.data.crop import Box, bounding_box
 from flareseg.data.dataset import PreparedArrays
-from flareseg.data.index import CaseIndex
+from flareseg.data.index import META_SPLITS, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
+from flareseg.engine.loaders import data_loader
 from flareseg.io import Geometry, read_image, to_canonical, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_record_geometry_places_the_arrays_in_physical_space(prepared):
 
 def test_splits_cover_labeled_cases_only(prepared):
     out, _ = prepared
-    splits = CaseIndex(out / "index.lmdb").get("__splits__")
+    splits = CaseIndex(out / "index.lmdb").meta(META_SPLITS)
     labeled = {f"phantom_{i:03d}" for i in range(4)}
     assert splits["folds"] == 2 and len(splits["splits"]) == 2
     vals = [set(split["val"]) for split in splits["splits"]]
@@ -298,7 +298,7 @@ def test_dataloader_with_two_workers_reads_the_index(prepared):
     labeled = [f"phantom_{i:03d}" for i in range(4)]
     dataset = PreparedArrays(out / "index.lmdb", "fine", labeled)
     seen = {}
-    for batch in DataLoader(dataset, batch_size=2, num_workers=2, shuffle=False):
+    for batch in data_loader(dataset, batch_size=2, workers=2):  # workers never forked from this process
         assert batch["image"].shape == (2, 1, 28, 36, 36) and batch["label"].shape == (2, 28, 36, 36)
         assert batch["annotated"].shape == (2, 13) and batch["annotated"].all()
         for i, case_id in enumerate(batch["case_id"]):
@@ -361,7 +361,8 @@ def die_on_second_case(case, config, out_dir, annotated):
         os._exit(9)  # as if the kernel killed the worker (out of memory)
     return original(case, config, out_dir, annotated)
 prepare._prepare_one = die_on_second_case
-prepare.POOL_START_METHOD = "fork"  # the workers inherit the patched function
+import flareseg.workers
+flareseg.workers.START_METHOD = "fork"  # the workers inherit the patched function
 from flareseg.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from flareseg.data.index import CaseIndex
+from flareseg.data.index import META_SETTINGS, CaseIndex
 
 Stage = Literal["coarse", "fine"]
 
@@ -30,7 +30,7 @@ class PreparedArrays(Dataset):
             raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
         self.index = CaseIndex(index_path)
         self.stage = stage
-        self.num_labels = len(self.index.get("__meta__")["settings"]["data.labels"])
+        self.num_labels = len(self.index.meta(META_SETTINGS)["data.labels"])
         self.case_ids = list(case_ids) if case_ids is not None else self.index.case_ids()
         missing = [case_id for case_id in self.case_ids if case_id not in self.index]
         if missing:

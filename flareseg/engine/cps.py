@@ -18,10 +18,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from flareseg.data.index import CaseIndex
+from flareseg.data.index import INDEX_DIR, CaseIndex
 from flareseg.data.training_sets import UnlabeledSamples
-from flareseg.engine.checkpoint import BEST, LATEST, save_checkpoint, unwrap
+from flareseg.engine.checkpoint import BEST, LATEST, CheckpointError, load_weights, save_checkpoint, unwrap
 from flareseg.engine.optim import build_optimizer, set_learning_rate
+from flareseg.engine.resume import FRESH_START, load_optimizer_state
 from flareseg.engine.trainer import Trainer
 from flareseg.losses import build_loss
 from flareseg.models import build_model
@@ -45,7 +46,7 @@ class CrossPseudoSupervisionTrainer(Trainer):
         )
         torch.manual_seed(self.settings.seed + self.context.rank)
         self.optimizer_b = build_optimizer(self.settings, self.model_b)
-        index = CaseIndex(self.data_dir / "index.lmdb")
+        index = CaseIndex(self.data_dir / INDEX_DIR)
         unlabeled = [case for case in index.case_ids() if not index.get(case)["labeled"]]
         if settings.unlabeled_cases is not None:
             chosen = json.loads(settings.unlabeled_cases.read_text())
@@ -116,8 +117,11 @@ class CrossPseudoSupervisionTrainer(Trainer):
         }
 
     def _restore_extra(self, state: dict) -> None:
-        unwrap(self.model_b).load_state_dict(state["model_b"])
-        self.optimizer_b.load_state_dict(state["optimizer_b"])
+        what = f"'train.resume': {self.out_dir / LATEST}"
+        if "model_b" not in state or "optimizer_b" not in state:
+            raise CheckpointError(f"{what} was written by a run without semi_supervised.enabled: {FRESH_START}")
+        load_weights(self.model_b, state["model_b"], f"{what} (net B)")
+        load_optimizer_state(self.optimizer_b, state["optimizer_b"], f"{what} (net B)")
 
     def _save(self, record: dict, last: bool) -> None:
         best_before = self.best_dice
