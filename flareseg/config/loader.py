@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -100,6 +101,8 @@ def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
             return float(value)  # PyYAML reads "3e-3" as a string (YAML 1.1); YAML 1.2 and users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' expects a number, got {_describe(value)}")
+        if not math.isfinite(value):  # YAML's .inf and .nan: no setting means them (null means "none")
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
@@ -115,7 +118,7 @@ def apply_override(config: Any, assignment: str, base_dir: Path) -> None:
     if not sep or not key:
         raise ConfigError(f"--set expects key=value (e.g. prepare.workers=4), got {assignment!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = safe_load(text, f"--set {key}", key + ".") if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {key}: cannot parse value {text!r} ({error.problem})") from None
     set_value(config, key, value, base_dir)
@@ -158,12 +161,56 @@ def read_yaml(path: Path) -> dict:
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text, str(path))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {_describe(data)}")
     return data or {}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, so `lr: 1e-3` further down a file would quietly override an earlier `lr: 1e-2`."""
+
+    document_source = "<yaml>"  # named in errors
+    document_root = ""  # the dotted key of the document's root ("train.loss." for --set train.loss={...})
+
+    def construct_document(self, node: yaml.Node) -> object:
+        self._check_duplicates(node, self.document_root, set())
+        return super().construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, prefix: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked (or of one of its parents: a recursive alias)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicates(item, f"{prefix.rstrip('.')}[{i}].", seen)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first_line: dict[object, int] = {}
+        for key_node, value_node in node.value:
+            plain = isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge"
+            key = self.construct_object(key_node, deep=True) if plain else None
+            if key is not None:
+                if key in first_line:
+                    raise ConfigError(
+                        f"{self.document_source}: line {key_node.start_mark.line + 1}: duplicate key '{prefix}{key}' "
+                        f"(first given on line {first_line[key]}; YAML would silently keep the last)"
+                    )
+                first_line[key] = key_node.start_mark.line + 1
+            self._check_duplicates(value_node, f"{prefix}{key}.", seen)
+
+
+def safe_load(text: str, source: str, prefix: str = "") -> object:
+    """yaml.safe_load, rejecting duplicate keys (a ConfigError naming `source`, the line and the dotted key)."""
+    loader = _StrictLoader(text)
+    loader.document_source, loader.document_root = source, prefix
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _suggest(word: str, candidates: list[str], prefix: str, quote: bool = False) -> str:

@@ -6,10 +6,17 @@ Without torchrun (no WORLD_SIZE in the environment) everything runs in one proce
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from flareseg.processes import die_with_parent
+
+# The stage scripts export the launcher's process id (the shell's $$, which `exec` hands to torchrun), so that a
+# worker can tell that its launcher died even before it asked to die with it.
+LAUNCHER_PID = "FLARESEG_LAUNCHER_PID"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,20 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     return DistributedContext(rank, world_size, local_rank, target)
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun, have this process end (SIGTERM) when its launcher dies, even by SIGKILL.
+
+    torchrun starts each worker in a session of its own (start_new_session), so a signal to the launcher's process
+    group never reaches the workers, and a launcher killed with SIGKILL passes nothing on: the trainer would run on
+    unsupervised and race a rerun on the same checkpoint and log files. Returns whether the request was made.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun: nothing to follow
+        return False
+    launcher = os.environ.get(LAUNCHER_PID, "")
+    expected = int(launcher) if launcher.isdigit() and int(launcher) != os.getpid() else os.getppid()
+    return die_with_parent(signal.SIGTERM, expected_parent=expected)
 
 
 def cleanup_distributed() -> None:

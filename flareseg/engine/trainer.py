@@ -9,12 +9,10 @@ fit():
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -22,12 +20,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from flareseg.config import Config, ConfigError, save_config, to_plain
-from flareseg.data.index import CaseIndex
+from flareseg.data.index import INDEX_DIR, META_SETTINGS, META_SPLITS, CaseIndex
 from flareseg.data.patches import sliding_window
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
-from flareseg.engine.checkpoint import BEST, LATEST, load_checkpoint, load_pretrained, save_checkpoint, unwrap
+from flareseg.engine.checkpoint import BEST, LATEST, load_pretrained, save_checkpoint, unwrap
 from flareseg.engine.distributed import DistributedContext, any_process, barrier, mean_over_processes
+from flareseg.engine.loaders import data_loader
 from flareseg.engine.optim import build_optimizer, set_learning_rate
+from flareseg.engine.resume import (
+    check_same_split,
+    load_optimizer_state,
+    load_scaler_state,
+    read_training_state,
+    resume_what,
+)
 from flareseg.engine.runlog import RunLog
 from flareseg.losses import build_loss, hard_dice
 from flareseg.models import build_model
@@ -42,7 +48,7 @@ class Trainer:
 
     def __init__(self, config: Config, context: DistributedContext):
         self.config, self.context, self.settings = config, context, config.train
-        self.out_dir = _required(self.settings.out, "train.out")
+        self.out_dir = run_folder(config)
         self.data_dir = _required(self.settings.data or config.prepare.out, "train.data (or prepare.out)")
         self.device = context.device
         self.precision = _precision(self.settings.precision, self.device)
@@ -64,13 +70,15 @@ class Trainer:
         self.loss = build_loss(self.settings.loss).to(self.device)
         self.label_ids = torch.arange(1, config.num_classes + 1, device=self.device).view(1, -1, 1, 1, 1)
 
-        index = CaseIndex(self.data_dir / "index.lmdb")
+        index = CaseIndex(self.data_dir / INDEX_DIR)
         _adopt_prepared_settings(config, index)
+        _check_input_size(config, self.data_dir)
         train_ids, val_ids = _split(index, self.settings.fold)
+        self.split = {"train": train_ids, "val": val_ids}  # checked on resume: the fold's cases must not move
         length = None
         if self.settings.iterations_per_epoch is not None:
             length = self.settings.iterations_per_epoch * self.settings.batch_size * context.world_size
-        index_path = self.data_dir / "index.lmdb"
+        index_path = self.data_dir / INDEX_DIR
         self.train_set = TrainingSamples(index_path, train_ids, config, self.settings.stage, length)
         self.val_set = ValidationSamples(index_path, val_ids, config, self.settings.stage) if val_ids else None
         self.sampler = DistributedSampler(
@@ -192,16 +200,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
     def _loader(self, dataset, sampler, batch_size: int | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.settings.batch_size,
-            sampler=sampler,
-            num_workers=self.settings.workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=False,
-            persistent_workers=False,
-            worker_init_fn=_seed_worker,
-        )
+        batch_size = batch_size or self.settings.batch_size
+        return data_loader(dataset, batch_size, self.settings.workers, sampler, pin_memory=self.device.type == "cuda")
 
     def _build_extra(self) -> None:
         """Extension point: build what a subclass adds (before a resume restores it)."""
@@ -223,7 +223,7 @@ class Trainer:
         model = model.eval()
         per_label_sum = torch.zeros(self.config.num_classes, dtype=torch.float64)
         per_label_count = torch.zeros(self.config.num_classes, dtype=torch.float64)
-        for item in DataLoader(self.val_set, batch_size=1, num_workers=min(self.settings.workers, 2)):
+        for item in data_loader(self.val_set, 1, min(self.settings.workers, 2)):
             image = item["image"].to(self.device)
             target = item["label"].to(self.device).unsqueeze(1) == self.label_ids
             with autocast(self.device, self.precision):
@@ -283,13 +283,15 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.runlog.history,
             "config": to_plain(self.config),
+            "split": self.split,
         }
 
     def _resume(self, path: Path) -> list[dict]:
-        state = load_checkpoint(path)
+        state = read_training_state(path, self.config, self.model)  # one line naming what differs, not a traceback
+        check_same_split(state, self.split, path)
         unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_optimizer_state(self.optimizer, state["optimizer"], resume_what(path))
+        load_scaler_state(self.scaler, state["scaler"])
         if "loss" in state:  # older checkpoints have no loss state
             self.loss.load_state_dict(state["loss"])
         self.epoch, self.best_dice = state["epoch"], state["best_val_dice_mean"]
@@ -310,19 +312,12 @@ class Trainer:
             log.info(message)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in each DataLoader worker from the seed torch gave it (distinct per worker and rank)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def _adopt_prepared_settings(config: Config, index: CaseIndex) -> None:
     """The prepared data decides the stage grids (size or spacing) and the label resampling: they are copied into
     the config, which every checkpoint stores, so inference resamples exactly as the training data was. Labels that
     the prepared data numbers differently would silently be renamed, so that is an error (extra labels at the end
     are fine: no prepared case annotates them)."""
-    settings = (index.meta("__meta__") or {}).get("settings")
+    settings = index.meta(META_SETTINGS)
     if settings is None:
         return
     prepared, own = settings["data.labels"], list(config.data.labels)
@@ -341,11 +336,30 @@ def _adopt_prepared_settings(config: Config, index: CaseIndex) -> None:
     config.prepare.label_resampling = settings["prepare.label_resampling"]
 
 
+def _check_input_size(config: Config, data_dir: Path) -> None:
+    """A fixed-size stage trains on its whole prepared arrays, so the network input must be their size: arrays of
+    another size would be resized on every step, training at a resolution and memory nobody chose (a 160^3 network
+    on a 32^3 index took 9.5 GB). Fixed-spacing stages take model.input_size patches of any size."""
+    stage = config.train.stage
+    size = getattr(config.prepare, stage).size
+    if size is not None and tuple(config.model.input_size) != tuple(size):
+        wanted, prepared = _listed(config.model.input_size), _listed(size)
+        raise ConfigError(
+            f"'model.input_size' is {wanted}, but {data_dir} holds the {stage} stage at the fixed size {prepared} "
+            f"(prepare.{stage}.size): set model.input_size={prepared}, or prepare the data at {wanted}"
+        )
+
+
+def _listed(values) -> str:
+    """[32,32,32]: the form --set takes."""
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
 def _split(index: CaseIndex, fold: int) -> tuple[list[str], list[str]]:
     labeled = [case_id for case_id in index.case_ids() if index.get(case_id)["labeled"]]
     if fold < 0:
         return labeled, []
-    splits = index.meta("__splits__")
+    splits = index.meta(META_SPLITS)
     if splits is None or fold >= len(splits["splits"]):
         available = 0 if splits is None else len(splits["splits"])
         raise ConfigError(f"'train.fold' is {fold}, but the index {index.path} holds {available} folds")
@@ -356,6 +370,11 @@ def _precision(choice: str, device: torch.device) -> str:
     if choice == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return choice
+
+
+def run_folder(config: Config) -> Path:
+    """The run folder (train.out), or a ConfigError when it is not set."""
+    return _required(config.train.out, "train.out")
 
 
 def _required(path: Path | None, key: str) -> Path:
