@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +15,14 @@ import yaml
 from flareseg import __version__
 from flareseg.config import Config, ConfigError, load_config, set_value, to_plain
 
+DEBUG_ENV = "FLARESEG_DEBUG"  # 1: print the traceback of any error (the same as --debug)
+# A user's mistake (a wrong path, a file that is no image, a bad setting, a folder in use): one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `flareseg` command. Exit status: 0 done, 1 some case failed (or an unexpected error), 2 a usage error,
+    130 interrupted. Errors are one line on stderr; --debug or FLARESEG_DEBUG=1 adds the traceback."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -22,12 +30,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except ConfigError as error:
-        print(f"flareseg {args.command}: config error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError) as error:
-        print(f"flareseg {args.command}: {error}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one place that turns errors into a line
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        line, status = _error_line(error)
+        print(f"flareseg {args.command}: {line}", file=sys.stderr)
+        return status
+
+
+def _error_line(error: BaseException) -> tuple[str, int]:
+    """One line for the user and the exit status, by the kind of error."""
+    from flareseg.locks import FolderBusyError
+
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:1000]
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(error, ConfigError):
+        return f"config error: {message}", 2
+    if isinstance(error, (*USER_ERRORS, FolderBusyError)) and message:
+        return message, 2
+    if isinstance(error, OSError) and message:  # the system's failure (disk full, I/O error), not flareseg's
+        return message, 1
+    return f"unexpected error: {type(error).__name__}: {message} (rerun with --debug for the traceback)", 1
 
 
 def run_stage(command: str, default_config: Path, argv: Sequence[str] | None = None) -> int:
@@ -41,6 +65,7 @@ def run_stage(command: str, default_config: Path, argv: Sequence[str] | None = N
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flareseg", description="Fast coarse-to-fine abdominal CT segmentation.")
     parser.add_argument("--version", action="version", version=f"flareseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an error (also {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
@@ -76,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     phantoms.set_defaults(run=_run_phantoms)
 
     train = commands.add_parser("train", parents=[common], help="train one stage (coarse or fine); torchrun-aware")
-    train.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (CUDA if present)")
     train.set_defaults(run=_run_train)
 
     predict = commands.add_parser("predict", parents=[common], help="segment every image of a folder")
@@ -145,7 +170,7 @@ def _build_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", parents=[common], help="parameters, multiply-adds, forward time, memory")
     summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    summary.add_argument("--repeats", type=int, default=3, help="timed forward passes (median reported)")
+    summary.add_argument("--repeats", type=_positive_int, default=3, help="timed forward passes (median reported)")
     summary.set_defaults(run=_run_summary)
 
     export = commands.add_parser("export", parents=[common], help="write the model as TorchScript and/or ONNX")
@@ -161,13 +186,26 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--minutes", type=float, default=10.0, help="total wall time to aim for; training gets what the rest leaves"
     )
-    demo.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (CUDA if present)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
     demo.set_defaults(run=_run_demo)
 
     show = commands.add_parser("config", parents=[common], help="print the resolved config as YAML")
     show.set_defaults(run=_run_show_config)
+    for command in commands.choices.values():  # also after the command, as the stage scripts pass it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _config_from(args: argparse.Namespace, flags: dict[str, object]) -> Config:
@@ -195,8 +233,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     )
     summary = prepare_dataset(config, progress=not args.quiet)
     print(
-        f"prepared {len(summary.prepared)}, already done {len(summary.skipped)}, failed {len(summary.failed)} "
-        f"in {summary.seconds:.1f} s -> {summary.out_dir}"
+        f"prepared {len(summary.prepared)}, already done {len(summary.skipped)}, removed {len(summary.removed)}, "
+        f"failed {len(summary.failed)} in {summary.seconds:.1f} s -> {summary.out_dir}"
     )
     if summary.failed:
         print(f"failed cases are listed in {summary.out_dir / FAILURES_FILE}", file=sys.stderr)
@@ -258,8 +296,9 @@ def _run_pseudo_label(args: argparse.Namespace) -> int:
 
 def _run_overlay(args: argparse.Namespace) -> int:
     from flareseg.io import read_image
-    from flareseg.visualize import overlay_png
+    from flareseg.visualize import check_picture_path, overlay_png
 
+    check_picture_path(args.out)
     image, geometry = read_image(args.image)
     label, label_geometry = read_image(args.label)
     truth = None
@@ -278,11 +317,7 @@ def _run_overlay(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from flareseg.evaluation import evaluate_folder, format_summary
 
-    try:
-        _, summary = evaluate_folder(args.gt, args.pred, preset=args.preset, workers=args.workers, out=args.out)
-    except ValueError as error:
-        print(f"flareseg evaluate: {error}", file=sys.stderr)
-        return 2
+    _, summary = evaluate_folder(args.gt, args.pred, preset=args.preset, workers=args.workers, out=args.out)
     print(format_summary(summary))
     print(f"{summary['cases']} cases -> {args.out} and {args.out.with_suffix('.json')}")
     if summary["missing_predictions"]:

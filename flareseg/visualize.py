@@ -13,6 +13,21 @@ from flareseg.io import Geometry, to_canonical
 DISPLAY_WINDOW = (-160.0, 240.0)  # soft-tissue window for the picture
 
 
+def check_picture_path(path: str | os.PathLike) -> Path:
+    """`path` when a picture can be written there (a file name with a picture suffix such as .png); else an error
+    with a one-line reason, raised before any work so that a wrong -o costs nothing."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a picture file name such as {path / 'overlay.png'}")
+    if path.suffix.lower().lstrip(".") not in formats:
+        others = ", ".join(f".{name}" for name in formats if name != "png")
+        raise ValueError(f"{path}: not a picture file name; use .png (or {others})")
+    return path
+
+
 def overlay_png(
     image: np.ndarray,
     geometry: Geometry,
@@ -28,6 +43,7 @@ def overlay_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = check_picture_path(path)
     image_c, canonical, plan = to_canonical(image, geometry)
     label_c = plan.apply(label)
     truth_c = plan.apply(truth) if truth is not None else None

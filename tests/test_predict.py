@@ -19,18 +19,8 @@ from flareseg.data.phantom import make_phantom, write_phantom_dataset
 from flareseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from flareseg.inference.postprocess import box_to_source, foreground_box, keep_components
 from flareseg.io import read_image, write_image
-from tests.tiny import LABELS, LIVER_KIDNEY_SPLEEN, prepare_tiny, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    """Coarse and fine checkpoints trained for a few steps: enough to run, not to be accurate."""
-    root = tmp_path_factory.mktemp("models")
-    write_phantom_dataset(root / "raw", 3, seed=2, shape=(32, 48, 48))
-    data = prepare_tiny(root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=1")
-    return train_tiny(data, root / "coarse", "coarse", LABELS), train_tiny(data, root / "fine", "fine", LABELS)
 
 
 def _predict(checkpoints, input_dir: Path, output_dir: Path, *extra: str) -> int:

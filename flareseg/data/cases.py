@@ -3,20 +3,31 @@
 Every supported format is accepted (.nii.gz, .nii, .nrrd, .mha), and a sub-folder holding a DICOM series is an
 image whose case id is the folder name (with any `_0000` removed). Files of other channels (`_0001`...) are
 ignored: flareseg segments single-channel CT.
+
+Discovery never stops at one bad entry. A case with two files (`a_0000.nii.gz` and `a_0000.mha`) or a broken
+symbolic link is returned as a problem, (case id, "file: reason"), for the caller to report as a failed case. An
+image file not named `<case>_0000.<ext>` and a sub-folder without a DICOM series are logged as warnings and left
+out. A folder that yields no image at all raises InputFolderError, saying what it holds and what to pass instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import SimpleITK as sitk
+
 from flareseg.config import ConfigError
-from flareseg.io import Geometry, image_suffix, is_dicom_dir, strip_image_suffix
+from flareseg.io import IMAGE_SUFFIXES, Geometry, image_suffix, is_dicom_dir, strip_image_suffix
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+IMAGE_NAMING = "<case>_0000.<ext>"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,79 +43,202 @@ class CaseFiles:
         return self.label is not None
 
 
-class DuplicateCaseError(ValueError):
-    """Two inputs claim the same case id (e.g. case.nii.gz and case.mha)."""
+class InputFolderError(ValueError):
+    """An input folder that yields no image; the message says what it holds and what to pass instead."""
 
 
-def find_images(folder: Path) -> dict[str, Path]:
-    """Case id -> image path for every channel-0 image (file or DICOM folder) in `folder`, sorted by id."""
-    found: dict[str, Path] = {}
-    for path in sorted(Path(folder).iterdir()):
-        if path.name.startswith("."):
+@dataclass
+class FolderCases:
+    """The cases of one folder: case id -> file (or DICOM folder), and the cases that cannot be used."""
+
+    paths: dict[str, Path] = field(default_factory=dict)  # sorted by case id
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (case id, "file: reason")
+
+
+def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> FolderCases:
+    """Every channel-0 image (`<case>_0000.<ext>` file or DICOM folder) of `folder`, by case id.
+
+    `exclude`: a sub-folder to pass over silently (an output folder inside the input folder).
+    Raises FileNotFoundError or NotADirectoryError for a missing folder, InputFolderError when it holds no image.
+    """
+    folder = _existing_folder(folder)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    candidates: dict[str, list[Path]] = {}
+    misnamed: list[Path] = []  # image files without the channel suffix
+    not_dicom: list[Path] = []  # sub-folders without a readable DICOM series
+    others: list[Path] = []  # files that are no image at all
+    channels: list[Path] = []  # images of other channels (_0001...)
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or (skip is not None and path.resolve() == skip):
             continue
+        broken = _is_broken_link(path)
         if path.is_dir():
-            if not is_dicom_dir(path):
+            if not _holds_dicom_series(path):
+                not_dicom.append(path)
                 continue
             stem = path.name
-        elif image_suffix(path):
+        elif image_suffix(path) or broken:  # a broken link without a suffix may have pointed to a DICOM folder
             stem = strip_image_suffix(path)
         else:
+            others.append(path)
             continue
         match = _CHANNEL.match(stem)
-        if match and int(match["channel"]) != 0:
+        if match is None and image_suffix(path):
+            misnamed.append(path)
             continue
-        case_id = match["case"] if match else stem
-        if case_id in found:
-            raise DuplicateCaseError(f"case '{case_id}' has two images: {found[case_id]} and {path}")
-        found[case_id] = path
-    return dict(sorted(found.items()))
+        if match is not None and int(match["channel"]) != 0:
+            channels.append(path)  # flareseg segments channel 0 only
+            continue
+        candidates.setdefault(match["case"] if match else stem, []).append(path)
+    if not candidates:
+        raise InputFolderError(_nothing_found(folder, misnamed, not_dicom, channels, others))
+    for path in misnamed:
+        log.warning("ignored %s: not named %s", path, IMAGE_NAMING)
+    for path in not_dicom:
+        log.warning("ignored %s: a folder without a readable DICOM series", path)
+    return _resolve(candidates, "images")
 
 
-def find_labels(folder: Path) -> dict[str, Path]:
-    """Case id -> label map path for every image file in `folder` (no channel suffix on labels)."""
-    found: dict[str, Path] = {}
-    for path in sorted(Path(folder).iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not image_suffix(path):
+def find_labels(folder: str | os.PathLike) -> FolderCases:
+    """Every label map (`<case>.<ext>`, no channel suffix) of `folder`, by case id; other entries are ignored."""
+    folder = _existing_folder(folder)
+    candidates: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not image_suffix(path) or path.is_dir():
             continue
-        case_id = strip_image_suffix(path)
-        if case_id in found:
-            raise DuplicateCaseError(f"case '{case_id}' has two label maps: {found[case_id]} and {path}")
-        found[case_id] = path
+        candidates.setdefault(strip_image_suffix(path), []).append(path)
+    return _resolve(candidates, "label maps")
+
+
+@dataclass
+class Discovery:
+    """The cases of an images/labels/unlabeled folder set, and the inputs that do not make a case."""
+
+    cases: list[CaseFiles] = field(default_factory=list)
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # two files for one case, broken links
+    unpaired: list[tuple[str, str]] = field(default_factory=list)  # an image without label, a label without image
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return self.invalid + self.unpaired
+
+
+def discover_cases(images: Path | None, labels: Path | None, unlabeled: Path | None) -> Discovery:
+    """Pair images with labels; every input that does not make a case is listed as (case id, "file: reason").
+
+    An image in `images` without a label is unpaired when `labels` is given (it is most likely a mistake); a label
+    without an image too. Unlabeled cases come from their own folder. A given images or unlabeled folder without
+    any image raises InputFolderError.
+    """
+    found = Discovery()
+    for folder in (images, labels, unlabeled):
+        if folder is not None:
+            _existing_folder(folder)
+    labeled: set[str] = set()
+    if images is not None:
+        image_files = find_images(images)
+        label_files = find_labels(labels) if labels is not None else FolderCases()
+        found.invalid += image_files.problems + label_files.problems
+        reported = {case_id for case_id, _ in found.invalid}
+        for case_id, image in image_files.paths.items():
+            if case_id in reported:
+                continue
+            label = label_files.paths.get(case_id)
+            if labels is not None and label is None:
+                found.unpaired.append((case_id, f"{image}: no label map named {case_id}.* in {labels}"))
+                continue
+            found.cases.append(CaseFiles(case_id, image, label))
+            labeled.add(case_id)
+        for case_id in sorted(set(label_files.paths) - set(image_files.paths) - reported):
+            path = label_files.paths[case_id]
+            found.unpaired.append((case_id, f"{path}: no image named {case_id}_0000.* in {images}"))
+    if unlabeled is not None:
+        unlabeled_files = find_images(unlabeled)
+        found.invalid += unlabeled_files.problems
+        for case_id, image in unlabeled_files.paths.items():
+            if case_id in labeled:
+                found.invalid.append((case_id, f"{image}: case id '{case_id}' is also a labeled case"))
+                continue
+            found.cases.append(CaseFiles(case_id, image, None))
     return found
 
 
 def find_cases(
     images: Path | None, labels: Path | None, unlabeled: Path | None
 ) -> tuple[list[CaseFiles], list[tuple[str, str]]]:
-    """Pair images with labels. Returns the cases and the problems as (case id, "file: reason").
+    """`discover_cases` as (cases, problems), every problem as (case id, "file: reason")."""
+    found = discover_cases(images, labels, unlabeled)
+    return found.cases, found.problems
 
-    An image in `images` without a label is a problem when `labels` is given (it is most likely a mistake);
-    a label without an image too. Unlabeled cases come from their own folder.
-    """
-    cases: list[CaseFiles] = []
-    problems: list[tuple[str, str]] = []
-    for folder, name in ((images, "images"), (labels, "labels"), (unlabeled, "unlabeled")):
-        if folder is not None and not Path(folder).is_dir():
-            raise FileNotFoundError(f"{name} folder {folder} does not exist")
-    if images is not None:
-        image_files = find_images(images)
-        label_files = find_labels(labels) if labels is not None else {}
-        for case_id, image in image_files.items():
-            label = label_files.get(case_id)
-            if labels is not None and label is None:
-                problems.append((case_id, f"{image}: no label map named {case_id}.* in {labels}"))
-                continue
-            cases.append(CaseFiles(case_id, image, label))
-        for case_id in sorted(set(label_files) - set(image_files)):
-            problems.append((case_id, f"{label_files[case_id]}: no image named {case_id}_0000.* in {images}"))
-    if unlabeled is not None:
-        known = {case.case_id for case in cases}
-        for case_id, image in find_images(unlabeled).items():
-            if case_id in known:
-                problems.append((case_id, f"{image}: case id '{case_id}' is also a labeled case"))
-                continue
-            cases.append(CaseFiles(case_id, image, None))
-    return cases, problems
+
+def _existing_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path; a missing folder or a file raises with a one-line reason."""
+    folder = Path(folder)
+    if _is_broken_link(folder):
+        raise FileNotFoundError(f"{folder}: broken symbolic link to {os.readlink(folder)}")
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        hint = "; pass the folder that holds it" if image_suffix(folder) else ""
+        raise NotADirectoryError(f"{folder}: is a file, not a folder{hint}")
+    return folder
+
+
+def _holds_dicom_series(folder: Path) -> bool:
+    """`is_dicom_dir` without ITK's multi-line warning for a folder without a series (an expected answer here)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return is_dicom_dir(folder)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _resolve(candidates: dict[str, list[Path]], what: str) -> FolderCases:
+    """One path per case id; a case with several files or a broken link becomes a problem."""
+    found = FolderCases()
+    for case_id, paths in sorted(candidates.items()):
+        if len(paths) > 1:
+            names = ", ".join(map(str, paths[:-1])) + f" and {paths[-1]}"
+            found.problems.append((case_id, f"{names}: {len(paths)} {what} for case '{case_id}'; keep one"))
+        elif _is_broken_link(paths[0]):
+            found.problems.append((case_id, f"{paths[0]}: broken symbolic link to {os.readlink(paths[0])}"))
+        else:
+            found.paths[case_id] = paths[0]
+    return found
+
+
+def _nothing_found(
+    folder: Path, misnamed: list[Path], not_dicom: list[Path], channels: list[Path], others: list[Path]
+) -> str:
+    """Why `folder` yields no image, and what to do about it."""
+    expected = (
+        f"images are files named {IMAGE_NAMING} ({', '.join(IMAGE_SUFFIXES)}) or sub-folders holding a DICOM series"
+    )
+    if others and _holds_dicom_series(folder):
+        return f"{folder}: holds a DICOM series itself; pass its parent folder ({expected})"
+    held = [
+        _count(misnamed, f"image file not named {IMAGE_NAMING}", f"image files not named {IMAGE_NAMING}"),
+        _count(not_dicom, "sub-folder without a readable DICOM series", "sub-folders without a readable DICOM series"),
+        _count(channels, "image of another channel than _0000", "images of other channels than _0000"),
+        _count(others, "file that is not an image", "files that are not images"),
+    ]
+    held = [text for text in held if text]
+    if not held:
+        return f"{folder}: no image found, the folder is empty ({expected})"
+    return f"{folder}: no image found; it holds {'; '.join(held)} ({expected})"
+
+
+def _count(paths: list[Path], one: str, many: str) -> str:
+    """A count with up to three example names, "2 files (a, b)"; empty for no paths."""
+    if not paths:
+        return ""
+    names = ", ".join(path.name for path in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return f"{len(paths)} {one if len(paths) == 1 else many} ({names})"
 
 
 ANNOTATED_FILE = "annotated.json"  # {case id: [annotated label ids]} beside partially labeled label maps

@@ -16,9 +16,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     """ "auto" = CUDA when available, else CPU; "cuda" without a GPU is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty device types; a user needs these four
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA GPU")
     return device
 
 

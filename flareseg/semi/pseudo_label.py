@@ -9,9 +9,10 @@ write `out/<case>.nii.gz` (uint8, the image's exact geometry, atomically). Then
                             teacher filled in, so that `flareseg prepare -l out` treats them as annotated
     out/pseudo_label.csv    one row per case: case, status (ok / skipped / failed), filled ids, message
 
-A bad case (unreadable file, label on another grid, non-integer label values, a teacher failure) is reported on
-stderr in one line naming the file and the reason, listed as failed, and skipped; the others go on. Images without
-a label map (and label maps without an image) are skipped and reported, but are not failures.
+A bad case (two files for one case, a broken link, unreadable file, label on another grid, non-integer label
+values, a teacher failure) is reported on stderr in one line naming the file and the reason, listed as failed, and
+skipped; the others go on. Images without a label map (and label maps without an image) are skipped and reported,
+but are not failures.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from flareseg.atomic import atomic_path, atomic_write_text
 from flareseg.config import ConfigError
 from flareseg.config.schema import PredictConfig
-from flareseg.data.cases import ANNOTATED_FILE, CaseFiles, find_cases, label_grid_problem
+from flareseg.data.cases import ANNOTATED_FILE, CaseFiles, discover_cases, label_grid_problem
 from flareseg.inference.predictor import Predictor
 from flareseg.io import ImageReadError, read_image, write_image
 from flareseg.semi.fusion import MAX_LABEL, as_label_ids, fuse_labels
@@ -88,23 +89,25 @@ def pseudo_label_folder(
     Returns the summary; `summary.exit_code` is 1 when any case failed.
     """
     images_dir, labels_dir, out_dir = Path(images_dir), Path(labels_dir), Path(out_dir)
-    cases, problems = find_cases(images_dir, labels_dir, None)
     for folder in (images_dir, labels_dir):
         if out_dir.resolve() == folder.resolve():
             raise ConfigError(f"the output folder {out_dir} must differ from the image and label folders")
+    found = discover_cases(images_dir, labels_dir, None)
     if annotated is None:
         log.warning("no annotated-labels file: every case counts as fully annotated and is written unchanged")
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher = Predictor(settings)
     summary = PseudoLabelSummary(out_dir)
 
-    for case_id, problem in problems:
+    for case_id, problem in found.unpaired:
         summary.skipped.append((case_id, problem))
         summary.rows.append({"case": case_id, "status": "skipped", "filled": "", "message": problem})
         _remove_stale(out_dir, case_id)
         tqdm.write(f"skipped: {problem}", file=sys.stderr)
+    for case_id, problem in found.invalid:  # two files for one case, a broken link: a failure of that case
+        _fail(summary, case_id, problem, out_dir)
 
-    for case in tqdm(cases, desc="pseudo-label", unit="case", disable=not progress, dynamic_ncols=True):
+    for case in tqdm(found.cases, desc="pseudo-label", unit="case", disable=not progress, dynamic_ncols=True):
         listed = None if annotated is None else annotated.get(case.case_id)
         try:
             ids, filled, message = _pseudo_label_case(case, teacher, listed, out_dir)

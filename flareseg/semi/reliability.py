@@ -66,16 +66,20 @@ def select_unlabeled(
 ) -> Selection:
     """Score every unlabeled image with the final fine checkpoint (`settings.fine`) against `intermediate` fine
     checkpoints (the coarse stage is shared), select, and write `out_file` (JSON: selected list and all scores)."""
+    if not intermediate:
+        raise ValueError("select-unlabeled needs at least one intermediate checkpoint")
+    if Path(out_file).is_dir():  # checked before the work, not when writing its result
+        raise IsADirectoryError(f"{out_file}: is a folder; give a file name such as {Path(out_file) / 'selected.json'}")
+    found = find_images(images_dir)
     final = Predictor(settings)
     others = [Predictor(replace(settings, fine=Path(path))) for path in intermediate]
-    if not others:
-        raise ValueError("select-unlabeled needs at least one intermediate checkpoint")
     labels = list(range(1, len(final.labels) + 1))
     expected = list(expected) if expected is not None else labels
     result = Selection()
-    for case_id, image_path in tqdm(
-        find_images(Path(images_dir)).items(), desc="score", unit="case", disable=not progress
-    ):
+    for case_id, message in found.problems:  # two images for one case, a broken link: that case fails alone
+        result.failed.append((case_id, message))
+        print(f"failed: {message}", file=sys.stderr)
+    for case_id, image_path in tqdm(found.paths.items(), desc="score", unit="case", disable=not progress):
         try:
             image, geometry = read_image(image_path)
             reference = final.predict_array(image, geometry)
