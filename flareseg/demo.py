@@ -9,7 +9,8 @@ organs of FLARE21 (liver, kidneys, spleen, pancreas) from ten phantoms on 2 CPU 
 
 Everything goes under one folder: phantoms/ (imagesTr, labelsTr and the held-out imagesTs, labelsTs), prepared/,
 coarse/ and fine/ (the training runs), predictions/ (with timing.csv), evaluation/ (scores.csv, scores.json),
-overlays/, report.md and demo.json (the settings; it marks the folder as the demo's). A rerun into the same folder
+overlays/, report.md, predict.yaml (the trained networks as a config for `sh predict.sh`) and demo.json (the
+settings; it marks the folder as the demo's). A rerun into the same folder
 reuses the phantoms and the prepared arrays and trains, predicts and evaluates afresh.
 """
 
@@ -26,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from flareseg.atomic import atomic_write_text
 from flareseg.config import Config, load_config
@@ -39,6 +41,7 @@ LABEL_MAP = {1: 1, 2: 2, 13: 2, 3: 3, 4: 4}
 PRESET = get_preset("flare21")
 MARKER = "demo.json"
 REPORT = "report.md"
+PREDICT_CONFIG = "predict.yaml"  # the trained networks as a config for `sh predict.sh`
 MIN_STAGE_SECONDS = 0.0  # a budget of 0 still trains (and validates) one epoch
 
 
@@ -259,19 +262,23 @@ def train_stage(
     return train(stage_config(out, stage, settings, budget_seconds, progress), device=device)
 
 
+def write_predict_config(out: Path) -> Path:
+    """out/predict.yaml: the demo's networks as a ready predict config (`sh predict.sh IN OUT DIR/predict.yaml`)."""
+    predict = {
+        "coarse": str((out / "coarse" / "checkpoint_best.pt").resolve()),
+        "fine": str((out / "fine" / "checkpoint_best.pt").resolve()),
+        "keep_components_per_label": {2: 2},  # the merged kidney label has two components
+    }
+    header = "# The demo's trained networks (phantoms only: not for real scans): sh predict.sh IN OUT this-file\n"
+    return atomic_write_text(out / PREDICT_CONFIG, header + yaml.safe_dump({"predict": predict}, sort_keys=False))
+
+
 def predict(out: Path, device: str, progress: bool = True) -> list[dict]:
-    """The real predictor on the held-out images into out/predictions; returns the timing.csv rows."""
+    """The real predictor on the held-out images into out/predictions, with the ready predict config that
+    `write_predict_config` leaves for users; returns the timing.csv rows."""
     from flareseg.inference.batch import TIMING_FILE, predict_folder
 
-    config = load_config(
-        None,
-        [
-            f"predict.coarse={out / 'coarse' / 'checkpoint_best.pt'}",
-            f"predict.fine={out / 'fine' / 'checkpoint_best.pt'}",
-            f"predict.device={device}",
-            "predict.keep_components_per_label={2: 2}",  # the merged kidney label has two components
-        ],
-    )
+    config = load_config(write_predict_config(out), [f"predict.device={device}"])
     summary = predict_folder(config, out / "phantoms" / "imagesTs", out / "predictions", progress=progress)
     if not summary.ok:
         raise RuntimeError(f"prediction failed: {'; '.join(message for _, message in summary.failed)}")
@@ -426,7 +433,9 @@ def write_report(
         f"Fixed: the phantom labels mapped by `prepare.label_map` {LABEL_MAP} (both kidneys one label), fold 0 of "
         "a 5-fold split, Adam at a constant learning rate, no dropout, no per-organ HU shift augmentation, "
         "`train.workers=0`. Each stage's full resolved config is in `coarse/config.yaml` and `fine/config.yaml`; "
-        "prepare's in `prepared/config.yaml`, the predictor's in `predictions/config.yaml`.",
+        "prepare's in `prepared/config.yaml`, the predictor's in `predictions/config.yaml`. To segment other images "
+        f"with these networks: `sh predict.sh INPUT_DIR OUTPUT_DIR {out / PREDICT_CONFIG}` (trained on phantoms: "
+        "they show the mechanics, not results on real scans).",
         "",
     ]
     return atomic_write_text(out / REPORT, "\n".join(lines))
@@ -479,18 +488,18 @@ def _case_files(root: Path, case: str, split: str) -> tuple[Path, Path]:
 
 def _prepared(out: Path, case_ids: list[str]) -> bool:
     """Whether out/prepared holds every one of `case_ids` (a record is written only after its arrays)."""
-    from flareseg.data.index import CaseIndex
+    from flareseg.data.index import INDEX_DIR, CaseIndex
 
     try:
-        return set(case_ids) <= set(CaseIndex(out / "prepared" / "index.lmdb").case_ids())
+        return set(case_ids) <= set(CaseIndex(out / "prepared" / INDEX_DIR).case_ids())
     except FileNotFoundError:
         return False
 
 
 def _validation_cases(out: Path) -> list[str]:
-    from flareseg.data.index import CaseIndex
+    from flareseg.data.index import INDEX_DIR, META_SPLITS, CaseIndex
 
-    return CaseIndex(out / "prepared" / "index.lmdb").get("__splits__")["splits"][0]["val"]
+    return CaseIndex(out / "prepared" / INDEX_DIR).meta(META_SPLITS)["splits"][0]["val"]
 
 
 def _settings_rows(settings: DemoSettings, minutes: float, device: str) -> list[tuple[str, object]]:

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flareseg import cli
@@ -59,6 +60,20 @@ def test_predictions_keep_the_test_images_geometry(demo):
         label, written = read_image(demo.out / "predictions" / f"{case}.nii.gz")
         assert written == geometry and label.dtype.name == "uint8"
         assert set(label.ravel().tolist()) <= {0, 1, 2, 3, 4}  # liver, kidney, spleen, pancreas
+
+
+def test_the_ready_predict_config_segments_other_images_as_the_demo_did(demo, tmp_path):
+    """README: `sh predict.sh INPUT_DIR OUTPUT_DIR DIR/predict.yaml` uses the demo's networks on your own images."""
+    config = demo.out / "predict.yaml"
+    assert f"sh predict.sh INPUT_DIR OUTPUT_DIR {config}" in (demo.out / "report.md").read_text()
+    mine = tmp_path / "my_cts"
+    mine.mkdir()
+    image = sorted((demo.out / "phantoms" / "imagesTs").iterdir())[0]
+    (mine / "patient_0000.nii.gz").symlink_to(image)
+    assert cli.main(["predict", "-i", str(mine), "-o", str(tmp_path / "out"), "--config", str(config), "-q"]) == 0
+    label, _ = read_image(tmp_path / "out" / "patient.nii.gz")
+    expected, _ = read_image(demo.out / "predictions" / image.name.replace("_0000", ""))
+    assert np.array_equal(label, expected) and label.any()
 
 
 def test_timing_overlays_curves_and_phases(demo):

@@ -79,6 +79,9 @@ def test_select_unlabeled_command(run, tmp_path):
         "0.0",
         "--expected",
         "1",
+        # four checkpoints: PyTorch spares four OpenVINO exports (~20 s); the default backend is tested elsewhere
+        "--set",
+        "predict.backend=torch",
     ]
     assert main(args) == 1  # the broken image is reported
     result = json.loads(out.read_text())
