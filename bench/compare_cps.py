@@ -58,14 +58,14 @@ def prepare(root: Path, tiny: bool, labeled: int | None) -> Path:
     return data
 
 
-def run(data: Path, out: Path, epochs: int, cps: list[str] | None) -> tuple[list[tuple[int, float]], float]:
+def run(data: Path, out: Path, epochs: int, steps: int, cps: list[str] | None) -> tuple[list[tuple[int, float]], float]:
     overrides = [
         *LABELS,
         f"train.data={data}",
         f"train.out={out}",
         "train.fold=0",
         f"train.epochs={epochs}",
-        "train.iterations_per_epoch=4",
+        f"train.iterations_per_epoch={steps}",
         "train.batch_size=2",
         "train.lr=1e-2",
         "train.schedule=constant",
@@ -96,10 +96,12 @@ def main() -> None:
     parser.add_argument("--rampup", type=int, default=25, help="semi_supervised.rampup_epochs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--tiny", action="store_true", help="tiny phantoms and 2 epochs: checks that the script runs")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny phantoms, 2 epochs of 1 step: checks that the script runs"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    epochs = 2 if args.tiny else args.epochs
+    epochs, steps = (2, 1) if args.tiny else (args.epochs, 4)
     with tempfile.TemporaryDirectory(prefix="flareseg-cps-") as tmp:
         root = args.out or Path(tmp)
         data = prepare(root, args.tiny, args.labeled)
@@ -110,10 +112,10 @@ def main() -> None:
             f"semi_supervised.rampup_epochs={args.rampup}",
         ]
         results = {
-            "supervised": run(data, root / "supervised", epochs, None),
-            f"cps (lambda {args.weight}, ramp-up {args.rampup})": run(data, root / "cps", epochs, cps),
+            "supervised": run(data, root / "supervised", epochs, steps, None),
+            f"cps (lambda {args.weight}, ramp-up {args.rampup})": run(data, root / "cps", epochs, steps, cps),
         }
-    print(f"coarse 32^3, {epochs} epochs x 4 steps, labeled training cases: {args.labeled or 'all of fold 0'}")
+    print(f"coarse 32^3, {epochs} epochs x {steps} steps, labeled training cases: {args.labeled or 'all of fold 0'}")
     epochs_logged = [epoch for epoch, _ in next(iter(results.values()))[0]]
     print("| run | " + " | ".join(f"epoch {e}" for e in epochs_logged) + " | best | final | seconds |")
     print("|---" * (len(epochs_logged) + 4) + "|")

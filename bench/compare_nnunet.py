@@ -307,7 +307,7 @@ def main() -> int:
             + (" (--tiny: 32^3)" if args.tiny else "")
             + f", {backend} backend"
         }
-        if backend == "openvino":  # the one-time ONNX export, as nnU-Net's one-time setup, is not measured
+        if backend == "openvino" and not args.tiny:  # the one-time ONNX export, as nnU-Net's setup, is not measured
             warm = [str(tmp / "warm") if part == "{out}" else part for part in commands["flareseg"]]
             run_step(warm, tmp / "flareseg_warmup.log", dict(os.environ))
         if nnunet is not None:

@@ -160,6 +160,18 @@ def test_finite_float_nifti_is_read(tmp_path):
         assert np.array_equal(read_image(path)[0], array)
 
 
+def test_non_finite_voxels_of_other_formats_are_counted_and_huge_finite_ones_pass(tmp_path):
+    """ITK keeps NaN and infinities in .mha: the check after reading counts them (+inf and -inf too, whose sum is
+    NaN); huge finite float64 voxels, whose sum overflows, are not called infinite."""
+    array = np.zeros((3, 4, 5), np.float32)
+    array[0, 0, 0], array[1, 1, 1] = np.inf, -np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "inf.mha"))
+    _rejected(tmp_path / "inf.mha", "contains 2 NaN or infinite voxels")
+    huge = np.full((3, 4, 5), 1e308)
+    sitk.WriteImage(sitk.GetImageFromArray(huge), str(tmp_path / "huge.mha"))
+    assert np.array_equal(read_image(tmp_path / "huge.mha")[0], huge)
+
+
 # ---- DICOM series --------------------------------------------------------------------------------------------
 
 

@@ -98,9 +98,18 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     except ValueError as error:
         raise ImageReadError(path, f"has an invalid header ({error})") from None
     array = sitk.GetArrayFromImage(image)
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise ImageReadError(path, f"contains {int((~np.isfinite(array)).sum())} NaN or infinite voxels")
+    if np.issubdtype(array.dtype, np.floating) and (count := _count_non_finite(array)):
+        raise ImageReadError(path, f"contains {count} NaN or infinite voxels")
     return array, geometry
+
+
+def _count_non_finite(array: np.ndarray) -> int:
+    """NaN and infinite voxels of a float array. A float64 sum is finite exactly when every voxel is (float32 voxels
+    cannot overflow it), and takes one pass without a 200 MB mask; voxels are counted only when it is not."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
+            return 0
+    return int(np.count_nonzero(~np.isfinite(array)))
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:
