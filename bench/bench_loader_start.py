@@ -90,14 +90,14 @@ def _measure(variant: str, data: Path, epochs: int, workers: int) -> dict:
     from torch.utils.data import DataLoader
 
     from flareseg.config import load_config
-    from flareseg.data.index import INDEX_DIR, CaseIndex
+    from flareseg.data.prepared import PreparedData
     from flareseg.data.training_sets import TrainingSamples
     from flareseg.engine.loaders import start_worker
     from flareseg.workers import worker_context
 
-    index = data / INDEX_DIR
     config = load_config(None, [*GRID, f"train.data={data}"])
-    dataset = TrainingSamples(index, CaseIndex(index).case_ids(), config, "coarse", length=8)
+    prepared = PreparedData(data)
+    dataset = TrainingSamples(prepared, prepared.case_ids(), config, "coarse", length=8)
     context = worker_context() if variant == "forkserver+preload" else multiprocessing.get_context(variant)
     firsts = []
     for epoch in range(epochs):

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from flareseg.config import load_config
-from flareseg.data.index import INDEX_DIR, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
+from flareseg.data.prepared import PreparedData
 from flareseg.data.training_sets import TrainingSamples
 from flareseg.engine.distributed import DistributedContext
 from flareseg.engine.trainer import Trainer
@@ -92,7 +92,8 @@ def _loader_rate(data: Path, config, stage: str, samples: int) -> tuple[tuple[in
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one DataLoader worker gets
     try:
-        dataset = TrainingSamples(data / INDEX_DIR, _labeled(data), config, stage, length=samples + 1)
+        prepared = PreparedData(data)
+        dataset = TrainingSamples(prepared, prepared.labeled_ids(), config, stage, length=samples + 1)
         dataset[0]  # warm-up: page cache, imports
         times = []
         for k in range(1, samples + 1):
@@ -122,11 +123,6 @@ def _training_rate(config, device: torch.device, steps: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 1.0 / statistics.median(times)
-
-
-def _labeled(data: Path) -> list[str]:
-    index = CaseIndex(data / INDEX_DIR)
-    return [case_id for case_id in index.case_ids() if index.get(case_id)["labeled"]]
 
 
 if __name__ == "__main__":

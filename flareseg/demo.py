@@ -488,18 +488,18 @@ def _case_files(root: Path, case: str, split: str) -> tuple[Path, Path]:
 
 def _prepared(out: Path, case_ids: list[str]) -> bool:
     """Whether out/prepared holds every one of `case_ids` (a record is written only after its arrays)."""
-    from flareseg.data.index import INDEX_DIR, CaseIndex
+    from flareseg.data.prepared import PreparedData
 
     try:
-        return set(case_ids) <= set(CaseIndex(out / "prepared" / INDEX_DIR).case_ids())
+        return set(case_ids) <= set(PreparedData(out / "prepared").case_ids())
     except FileNotFoundError:
         return False
 
 
 def _validation_cases(out: Path) -> list[str]:
-    from flareseg.data.index import INDEX_DIR, META_SPLITS, CaseIndex
+    from flareseg.data.prepared import PreparedData
 
-    return CaseIndex(out / "prepared" / INDEX_DIR).meta(META_SPLITS)["splits"][0]["val"]
+    return PreparedData(out / "prepared").fold(0)[1]
 
 
 def _settings_rows(settings: DemoSettings, minutes: float, device: str) -> list[tuple[str, object]]:

@@ -13,6 +13,7 @@ from torch import nn
 from flareseg.config import ConfigError, load_config
 from flareseg.data.patches import patch_box, sliding_window, take_patch, tile_starts
 from flareseg.data.phantom import write_phantom_dataset
+from flareseg.data.prepared import PreparedData
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
 from flareseg.inference.predictor import Predictor
 from flareseg.io import Geometry, read_image
@@ -110,7 +111,7 @@ def test_training_items_follow_the_label_groups_and_the_patch_size(cascade_data)
             "train.foreground_patch_p=1.0",
         ],
     )
-    samples = TrainingSamples(data / "index.lmdb", ["phantom_000", "phantom_002"], config, "fine", length=6)
+    samples = TrainingSamples(PreparedData(data), ["phantom_000", "phantom_002"], config, "fine", length=6)
     lesion_found = False
     for k in range(6):
         item = samples[k]
@@ -119,10 +120,10 @@ def test_training_items_follow_the_label_groups_and_the_patch_size(cascade_data)
         assert item["annotated"].tolist() == [item["case_id"] != "phantom_002"]  # no lesion annotation: masked
         lesion_found |= bool((item["label"] == 1).any())
     assert lesion_found
-    stored = ValidationSamples(data / "index.lmdb", ["phantom_000"], config, "fine")[0]
+    stored = ValidationSamples(PreparedData(data), ["phantom_000"], config, "fine")[0]
     assert stored["image"].shape[1:] != (16, 16, 16)  # fixed spacing: validation sees the whole stored crop
     roi = load_config(None, [*CASCADE_LABELS, "train.label_groups=[[1, 2, 3]]"])
-    item = TrainingSamples(data / "index.lmdb", ["phantom_000"], roi, "coarse")[0]
+    item = TrainingSamples(PreparedData(data), ["phantom_000"], roi, "coarse")[0]
     assert set(item["label"].unique().tolist()) == {0, 1}
 
 

@@ -18,8 +18,8 @@ import torch
 
 from flareseg.atomic import process_alive
 from flareseg.config import load_config
-from flareseg.data.index import INDEX_DIR, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
+from flareseg.data.prepared import PreparedData
 from flareseg.data.training_sets import TrainingSamples
 from flareseg.engine.loaders import data_loader
 from flareseg.evaluation.evaluate import evaluate_folder
@@ -79,9 +79,9 @@ def test_training_loaders_and_pools_never_fork(tiny, tmp_path, monkeypatch):
 
 def test_workers_see_each_epoch_and_load_what_this_process_would(tiny):
     data, _ = tiny
-    index = data / INDEX_DIR
     config = load_config(None, [LABELS, *STAGE_MODELS["fine"], f"train.data={data}"])
-    dataset = TrainingSamples(index, CaseIndex(index).case_ids(), config, "fine", length=4)
+    prepared = PreparedData(data)
+    dataset = TrainingSamples(prepared, prepared.case_ids(), config, "fine", length=4)
     epochs = []
     for epoch in (0, 1):
         dataset.set_epoch(epoch)

@@ -21,7 +21,6 @@ import pytest
 
 from flareseg.cli import main
 from flareseg.config import load_config
-from flareseg.data.dataset import PreparedArrays
 from flareseg.data.index import (
     INDEX_DIR,
     INDEX_FORMAT,
@@ -33,6 +32,7 @@ from flareseg.data.index import (
 )
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
+from flareseg.data.prepared import PreparedArrays, PreparedData
 from flareseg.io import read_image, write_image
 
 SMALL = ["prepare.coarse.size=[16, 16, 16]", "prepare.fine.size=[16, 20, 20]", "prepare.folds=2"]
@@ -199,7 +199,7 @@ def test_cases_named_like_metadata_keys_are_cases(raw, tmp_path):
     assert index.meta(META_FORMAT) == INDEX_FORMAT
     splits = index.meta(META_SPLITS)["splits"]
     assert sorted(splits[0]["train"] + splits[0]["val"]) == ids
-    assert len(PreparedArrays(out / INDEX_DIR, "coarse")) == 4
+    assert len(PreparedArrays(PreparedData(out), "coarse")) == 4
     rerun = prepare_dataset(_config(inputs, out), progress=False)  # the settings record survived the cases
     assert rerun.ok and sorted(rerun.skipped) == ids
 
@@ -222,7 +222,7 @@ def test_an_index_of_the_older_format_is_refused_with_what_to_do(raw, tmp_path, 
     with pytest.raises(IndexFormatError, match="index format 2.*--overwrite"):
         CaseIndex(out / INDEX_DIR).meta(META_SETTINGS)
     with pytest.raises(IndexFormatError, match="--overwrite"):
-        PreparedArrays(out / INDEX_DIR, "fine")
+        PreparedArrays(PreparedData(out), "fine")
     capsys.readouterr()
     assert main(_cli_args(raw, out)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -16,10 +16,10 @@ import torch
 from flareseg.cli import main
 from flareseg.config import ConfigError, load_config
 from flareseg.data.crop import Box, bounding_box
-from flareseg.data.dataset import PreparedArrays
 from flareseg.data.index import META_SPLITS, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
+from flareseg.data.prepared import PreparedArrays, PreparedData
 from flareseg.engine.loaders import data_loader
 from flareseg.io import Geometry, read_image, to_canonical, write_image
 
@@ -296,7 +296,7 @@ def test_partial_labels_record_what_each_case_annotates(tmp_path):
 def test_dataloader_with_two_workers_reads_the_index(prepared):
     out, _ = prepared
     labeled = [f"phantom_{i:03d}" for i in range(4)]
-    dataset = PreparedArrays(out / "index.lmdb", "fine", labeled)
+    dataset = PreparedArrays(PreparedData(out), "fine", labeled)
     seen = {}
     for batch in data_loader(dataset, batch_size=2, workers=2):  # workers never forked from this process
         assert batch["image"].shape == (2, 1, 28, 36, 36) and batch["label"].shape == (2, 28, 36, 36)
@@ -308,7 +308,7 @@ def test_dataloader_with_two_workers_reads_the_index(prepared):
         expected = np.load(out / "arrays" / f"{case_id}_fine_image.npy")
         assert torch.equal(image, torch.from_numpy(expected))
     with pytest.raises(KeyError, match="not in the index"):
-        PreparedArrays(out / "index.lmdb", "fine", ["nope"])
+        PreparedArrays(PreparedData(out), "fine", ["nope"])
 
 
 def test_prepare_real_ct_nifti_and_dicom(shared_data, tmp_path):

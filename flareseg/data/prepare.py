@@ -32,6 +32,7 @@ from flareseg.data.cases import CaseFiles, default_annotated_file, find_cases, r
 from flareseg.data.index import INDEX_DIR, META_SETTINGS, META_SPLITS, META_VERSION, IndexWriter, close_reader
 from flareseg.data.prepare_case import ARRAY_DIR, CaseError, prepare_case
 from flareseg.data.prepare_worker import init_worker
+from flareseg.data.prepared import labeled_case_ids
 from flareseg.data.splits import kfold_splits
 from flareseg.io import ImageReadError
 from flareseg.locks import FolderLock
@@ -283,7 +284,7 @@ def _source_stat(case: CaseFiles) -> list:
 
 def _write_splits(index: IndexWriter, folds: int, seed: int) -> None:
     """The k-fold split of the labeled cases the index holds now (recomputed by every run)."""
-    labeled = [case_id for case_id in index.case_ids() if index.get(case_id)["labeled"]]
+    labeled = labeled_case_ids(index)
     if not labeled:
         index.delete_meta(META_SPLITS)
         return

@@ -12,7 +12,6 @@ Arrays are memory-mapped from the prepared .npy files; raw images are never read
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -21,17 +20,17 @@ from torch.utils.data import Dataset
 from flareseg.config import Config
 from flareseg.data.augment import Augmenter
 from flareseg.data.crop import Box
-from flareseg.data.index import CaseIndex
 from flareseg.data.intensity import window_and_zscore
 from flareseg.data.patches import patch_box, take_patch
+from flareseg.data.prepared import PreparedData
 from flareseg.data.resample import resize_image, resize_label
 
 Stage = str  # "coarse" | "fine"
 
 
 class _PreparedSamples(Dataset):
-    def __init__(self, index_path: str | os.PathLike, case_ids: list[str], config: Config):
-        self.index = CaseIndex(index_path)
+    def __init__(self, data: PreparedData, case_ids: list[str], config: Config):
+        self.data = data
         self.case_ids = list(case_ids)
         self.num_labels = config.num_classes
         self.window = config.data.hu_window
@@ -39,12 +38,12 @@ class _PreparedSamples(Dataset):
         self.label_mode = config.prepare.label_resampling
         self.groups = config.class_label_groups
         self.class_of_label = _class_lookup(self.groups)
-        missing = [case_id for case_id in self.case_ids if case_id not in self.index]
+        missing = data.missing(self.case_ids)
         if missing:
-            raise KeyError(f"cases not in the index {self.index.path}: {', '.join(missing[:10])}")
+            raise KeyError(f"cases not in the index {data.index.path}: {', '.join(missing[:10])}")
 
     def _array(self, record: dict, name: str) -> np.ndarray:
-        return np.load(self.index.array_path(record, name), mmap_mode="r")
+        return self.data.load_array(record, name)
 
     def _item(self, record: dict, image: torch.Tensor, label: torch.Tensor, stats=None) -> dict:
         """The item dict; labels become network classes (train.label_groups), annotated per class.
@@ -76,8 +75,10 @@ class TrainingSamples(_PreparedSamples):
     volume or crop instead (see flareseg.data.patches), normalised with the statistics of the whole of it.
     """
 
-    def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage, length: int | None = None):
-        super().__init__(index_path, case_ids, config)
+    def __init__(
+        self, data: PreparedData, case_ids: list[str], config: Config, stage: Stage, length: int | None = None
+    ):
+        super().__init__(data, case_ids, config)
         train = config.train
         self.stage = stage
         self.seed = train.seed
@@ -89,7 +90,7 @@ class TrainingSamples(_PreparedSamples):
         self.foreground_p = train.foreground_patch_p
         plan = []
         for case_id in self.case_ids:
-            record = self.index.get(case_id)
+            record = self.data.record(case_id)
             repeats = train.lesion_oversample if train.lesion_label in record["labels_present"] else 1
             plan += [case_id] * repeats
         if not plan:
@@ -105,7 +106,7 @@ class TrainingSamples(_PreparedSamples):
 
     def __getitem__(self, k: int) -> dict:
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k))
-        record = self.index.get(self.plan[k])
+        record = self.data.record(self.plan[k])
         image, label, spacing = self._fine_crop(record, generator) if self.stage == "fine" else self._coarse(record)
         stats = None
         if self.patches:  # fixed spacing: normalise like the whole volume, then one input_size patch of it
@@ -154,8 +155,8 @@ class UnlabeledSamples(_PreparedSamples):
     resized to model.input_size if it differs), augmented like the labeled ones (with an empty label map), `length`
     per epoch. Items carry an all-zero "label" and an all-False "annotated"."""
 
-    def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage, length: int):
-        super().__init__(index_path, case_ids, config)
+    def __init__(self, data: PreparedData, case_ids: list[str], config: Config, stage: Stage, length: int):
+        super().__init__(data, case_ids, config)
         if not self.case_ids:
             raise ValueError("semi-supervised training needs unlabeled cases in the index (flareseg prepare -u DIR)")
         self.stage, self.seed, self.epoch = stage, config.train.seed, 0
@@ -171,7 +172,7 @@ class UnlabeledSamples(_PreparedSamples):
 
     def __getitem__(self, k: int) -> dict:
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k, 1))
-        record = self.index.get(self.plan[k])
+        record = self.data.record(self.plan[k])
         image = torch.from_numpy(np.array(self._array(record, f"{self.stage}_image"), dtype=np.float32))
         stats = None
         if self.patches:
@@ -192,15 +193,15 @@ class UnlabeledSamples(_PreparedSamples):
 class ValidationSamples(_PreparedSamples):
     """The fixed validation data of a stage: the stored coarse or fine arrays, not augmented, any shape."""
 
-    def __init__(self, index_path, case_ids: list[str], config: Config, stage: Stage):
-        super().__init__(index_path, case_ids, config)
+    def __init__(self, data: PreparedData, case_ids: list[str], config: Config, stage: Stage):
+        super().__init__(data, case_ids, config)
         self.stage = stage
 
     def __len__(self) -> int:
         return len(self.case_ids)
 
     def __getitem__(self, k: int) -> dict:
-        record = self.index.get(self.case_ids[k])
+        record = self.data.record(self.case_ids[k])
         image = torch.from_numpy(np.array(self._array(record, f"{self.stage}_image"), dtype=np.float32))
         label = torch.from_numpy(np.array(self._array(record, f"{self.stage}_label")))
         return self._item(record, image, label)

@@ -18,7 +18,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from flareseg.data.index import INDEX_DIR, CaseIndex
 from flareseg.data.training_sets import UnlabeledSamples
 from flareseg.engine.checkpoint import BEST, LATEST, CheckpointError, load_weights, save_checkpoint, unwrap
 from flareseg.engine.optim import build_optimizer, set_learning_rate
@@ -46,15 +45,14 @@ class CrossPseudoSupervisionTrainer(Trainer):
         )
         torch.manual_seed(self.settings.seed + self.context.rank)
         self.optimizer_b = build_optimizer(self.settings, self.model_b)
-        index = CaseIndex(self.data_dir / INDEX_DIR)
-        unlabeled = [case for case in index.case_ids() if not index.get(case)["labeled"]]
+        unlabeled = self.data.unlabeled_ids()
         if settings.unlabeled_cases is not None:
             chosen = json.loads(settings.unlabeled_cases.read_text())
             chosen = chosen["selected"] if isinstance(chosen, dict) else chosen  # select-unlabeled's JSON or a list
             unlabeled = [case for case in chosen if case in set(unlabeled)]
         steps = math.ceil(len(self.train_set) / (self.settings.batch_size * self.context.world_size))
         length = steps * settings.unlabeled_batch_size * self.context.world_size
-        self.unlabeled_set = UnlabeledSamples(index.path, unlabeled, self.config, self.settings.stage, length)
+        self.unlabeled_set = UnlabeledSamples(self.data, unlabeled, self.config, self.settings.stage, length)
         self.unlabeled_sampler = DistributedSampler(
             self.unlabeled_set,
             num_replicas=self.context.world_size,

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from flareseg.config import Config, ConfigError, save_config, to_plain
-from flareseg.data.index import INDEX_DIR, META_SETTINGS, META_SPLITS, CaseIndex
 from flareseg.data.patches import sliding_window
+from flareseg.data.prepared import PreparedData
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
 from flareseg.engine.checkpoint import BEST, LATEST, load_pretrained, save_checkpoint, unwrap
 from flareseg.engine.distributed import DistributedContext, any_process, barrier, mean_over_processes
@@ -47,9 +47,14 @@ class Trainer:
     """Trains `config.model` on `config.train.stage` arrays of the prepared data in `config.train.data`."""
 
     def __init__(self, config: Config, context: DistributedContext):
-        self.config, self.context, self.settings = config, context, config.train
         self.out_dir = run_folder(config)
-        self.data_dir = _required(self.settings.data or config.prepare.out, "train.data (or prepare.out)")
+        self.data_dir = _required(config.train.data or config.prepare.out, "train.data (or prepare.out)")
+        self.data = PreparedData(self.data_dir)
+        prepared = self.data.settings
+        # The prepared folder decides the stage grids: the trainer's config (and so every checkpoint) takes them.
+        config = config if prepared is None else prepared.adopted_by(config, self.data.folder)
+        _check_input_size(config, self.data_dir)
+        self.config, self.context, self.settings = config, context, config.train
         self.device = context.device
         self.precision = _precision(self.settings.precision, self.device)
         self.hooks: dict[str, list[Hook]] = {"before_train": [], "after_epoch": [], "after_train": []}
@@ -70,17 +75,13 @@ class Trainer:
         self.loss = build_loss(self.settings.loss).to(self.device)
         self.label_ids = torch.arange(1, config.num_classes + 1, device=self.device).view(1, -1, 1, 1, 1)
 
-        index = CaseIndex(self.data_dir / INDEX_DIR)
-        _adopt_prepared_settings(config, index)
-        _check_input_size(config, self.data_dir)
-        train_ids, val_ids = _split(index, self.settings.fold)
+        train_ids, val_ids = self.data.fold(self.settings.fold)
         self.split = {"train": train_ids, "val": val_ids}  # checked on resume: the fold's cases must not move
         length = None
         if self.settings.iterations_per_epoch is not None:
             length = self.settings.iterations_per_epoch * self.settings.batch_size * context.world_size
-        index_path = self.data_dir / INDEX_DIR
-        self.train_set = TrainingSamples(index_path, train_ids, config, self.settings.stage, length)
-        self.val_set = ValidationSamples(index_path, val_ids, config, self.settings.stage) if val_ids else None
+        self.train_set = TrainingSamples(self.data, train_ids, config, self.settings.stage, length)
+        self.val_set = ValidationSamples(self.data, val_ids, config, self.settings.stage) if val_ids else None
         self.sampler = DistributedSampler(
             self.train_set,
             num_replicas=context.world_size,
@@ -312,30 +313,6 @@ class Trainer:
             log.info(message)
 
 
-def _adopt_prepared_settings(config: Config, index: CaseIndex) -> None:
-    """The prepared data decides the stage grids (size or spacing) and the label resampling: they are copied into
-    the config, which every checkpoint stores, so inference resamples exactly as the training data was. Labels that
-    the prepared data numbers differently would silently be renamed, so that is an error (extra labels at the end
-    are fine: no prepared case annotates them)."""
-    settings = index.meta(META_SETTINGS)
-    if settings is None:
-        return
-    prepared, own = settings["data.labels"], list(config.data.labels)
-    if any(a != b for a, b in zip(prepared, own)):
-        raise ConfigError(
-            f"{index.path} was prepared with data.labels {prepared}, but this config has {own}: the same id would "
-            "name different labels; use the prepared labels (extra labels at the end are allowed) or prepare again"
-        )
-    for stage in ("coarse", "fine"):
-        stored = settings[f"prepare.{stage}"]
-        grid = getattr(config.prepare, stage)
-        grid.size = None if stored["size"] is None else tuple(stored["size"])
-        grid.spacing = None if stored["spacing"] is None else tuple(stored["spacing"])
-        if "margin_mm" in stored:
-            grid.margin_mm = stored["margin_mm"]
-    config.prepare.label_resampling = settings["prepare.label_resampling"]
-
-
 def _check_input_size(config: Config, data_dir: Path) -> None:
     """A fixed-size stage trains on its whole prepared arrays, so the network input must be their size: arrays of
     another size would be resized on every step, training at a resolution and memory nobody chose (a 160^3 network
@@ -353,17 +330,6 @@ def _check_input_size(config: Config, data_dir: Path) -> None:
 def _listed(values) -> str:
     """[32,32,32]: the form --set takes."""
     return "[" + ",".join(str(v) for v in values) + "]"
-
-
-def _split(index: CaseIndex, fold: int) -> tuple[list[str], list[str]]:
-    labeled = [case_id for case_id in index.case_ids() if index.get(case_id)["labeled"]]
-    if fold < 0:
-        return labeled, []
-    splits = index.meta(META_SPLITS)
-    if splits is None or fold >= len(splits["splits"]):
-        available = 0 if splits is None else len(splits["splits"])
-        raise ConfigError(f"'train.fold' is {fold}, but the index {index.path} holds {available} folds")
-    return splits["splits"][fold]["train"], splits["splits"][fold]["val"]
 
 
 def _precision(choice: str, device: torch.device) -> str:
