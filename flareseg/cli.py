@@ -101,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     phantoms.set_defaults(run=_run_phantoms)
 
     train = commands.add_parser("train", parents=[common], help="train one stage (coarse or fine); torchrun-aware")
-    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (CUDA if present)")
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:N (train.device)")
     train.set_defaults(run=_run_train)
 
     predict = commands.add_parser("predict", parents=[common], help="segment every image of a folder")
@@ -261,7 +261,7 @@ def _run_phantoms(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from flareseg.engine.run import train
 
-    train(load_config(args.config, args.overrides), device=args.device)
+    train(_config_from(args, {"train.device": args.device}))
     return 0
 
 

@@ -259,7 +259,9 @@ def train_stage(
     """Train one stage into out/<stage> for about `budget_seconds`; returns the per-epoch records."""
     from flareseg.engine.run import train
 
-    return train(stage_config(out, stage, settings, budget_seconds, progress), device=device)
+    config = stage_config(out, stage, settings, budget_seconds, progress)
+    config.train.device = device
+    return train(config)
 
 
 def write_predict_config(out: Path) -> Path:

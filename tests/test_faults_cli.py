@@ -184,6 +184,7 @@ def _mistakes(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["select-unlabeled", "-i", str(images), "-o", str(tmp_path / "s.json"), "--intermediate", m], "checkpoint"),
         (["select-unlabeled", "-i", str(images), "-o", f, "--intermediate", m], "is a folder"),
         (["summary", "--device", "gpu"], "unknown device 'gpu'"),
+        (["train", "--device", "gpu", "--set", f"train.out={tmp_path / 'run'}"], "unknown device 'gpu'"),
         (["summary", "--set", "model.name=nope"], "unknown model"),
         (["export", "-o", str(tmp_path / "e"), "--weights", m], "missing"),
         (["export", "-o", str(tmp_path / "e"), "--weights", f], "empty"),

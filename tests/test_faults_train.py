@@ -424,3 +424,25 @@ def test_an_interpreter_without_flareseg_is_named_in_one_line(tmp_path, script):
     result = subprocess.run(["sh", str(REPO / script)], env=env, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"'{fake}' cannot import flareseg; set PYTHON" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine does not have")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_training_on_a_missing_gpu_is_an_error_not_a_cpu_run(data, tmp_path, capsys, device):
+    """`cuda:1` used to fall back silently to the CPU in training (prediction refused it): both now resolve devices
+    in one place."""
+    argv = ["train", "--device", device, "--set", f"train.data={data}", "--set", f"train.out={tmp_path}"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"device '{device}' was asked for, but torch sees no CUDA GPU" in err[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_training_devices_resolve_as_prediction_devices():
+    from flareseg.engine.distributed import setup_distributed
+
+    assert setup_distributed("cpu").device == torch.device("cpu")
+    assert setup_distributed("auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert load_config(None, []).train.device == "auto"
+    with pytest.raises(ValueError, match="training runs on cpu, cuda or cuda:N"):
+        setup_distributed("meta")

@@ -237,6 +237,7 @@ class TrainConfig:
     step_milestones: list[float] = field(default_factory=lambda: [0.66, 0.86])  # fractions of the epochs
     step_factors: list[float] = field(default_factory=lambda: [0.1, 0.05])  # lr x factor from each milestone
     poly_power: float = 0.9
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda (one GPU per process) | cuda:N (one process)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     grad_clip: float | None = 12.0  # max gradient norm; null = no clipping
     seed: int = 0

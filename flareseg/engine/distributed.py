@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from flareseg.models.runtime import resolve_device
 from flareseg.processes import die_with_parent
 
 # The stage scripts export the launcher's process id (the shell's $$, which `exec` hands to torchrun), so that a
@@ -36,20 +37,32 @@ class DistributedContext:
 
 
 def setup_distributed(device: str = "auto") -> DistributedContext:
-    """Join the process group that torchrun describes (if any) and pick this process's device."""
+    """Join the process group that torchrun describes (if any) and pick this process's device.
+
+    The device is resolved as prediction resolves it (flareseg.models.runtime.resolve_device: an unknown name or
+    CUDA without a GPU is an error, never a silent CPU run). "auto" and "cuda" give each process of a node its own
+    GPU (by local rank); "cuda:N" names one GPU, so it is refused for several processes on one node.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA GPU")
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        target = torch.device("cuda", torch.cuda.current_device())
-    else:
-        target = torch.device("cpu")
+    target = resolve_device(device)
+    if target.type == "cuda":
+        if target.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                f"device {device!r} names one GPU, but this node runs several training processes: "
+                "use 'cuda' (one GPU per process) and CUDA_VISIBLE_DEVICES to choose the GPUs"
+            )
+        index = target.index if target.index is not None else local_rank % torch.cuda.device_count()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(index)
+        target = torch.device("cuda", index)
+    elif target.type != "cpu":
+        raise ValueError(f"device {device!r}: training runs on cpu, cuda or cuda:N")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        backend = "nccl" if target.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistributedContext(rank, world_size, local_rank, target)
 
 

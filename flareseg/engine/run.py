@@ -34,14 +34,14 @@ from flareseg.locks import FolderBusyError, FolderLock
 log = logging.getLogger(__name__)
 
 
-def train(config: Config, device: str = "auto") -> list[dict]:
-    """Train the configured stage; returns the per-epoch records (on rank 0; [] on the others)."""
+def train(config: Config) -> list[dict]:
+    """Train the configured stage on `train.device`; returns the per-epoch records (on rank 0; [] on the others)."""
     die_with_launcher()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_processes > 1:  # the CPU cores are shared by the processes of this node
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     with _stop_on_termination():
-        context = setup_distributed(device)
+        context = setup_distributed(config.train.device)
         try:
             with _hold_run_folder(run_folder(config), context):
                 return _trainer_class(config)(config, context).fit()
