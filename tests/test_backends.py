@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -52,6 +54,16 @@ def test_precision_choice():
     assert choose_precision("auto", CPU, "torch") == "fp32"  # torch's CPU bf16 autocast is not faster here
     for explicit in ("fp32", "bf16", "fp16"):
         assert choose_precision(explicit, CPU, "torch") == explicit
+
+
+def test_training_precision_auto_is_the_one_decision():
+    """The trainer's "auto" is the resolver prediction uses with the torch backend (one place decides)."""
+    from flareseg.models.runtime import resolve_precision
+
+    for device in (CPU, torch.device("cuda")):
+        for choice in ("auto", "fp32", "bf16", "fp16"):
+            assert resolve_precision(choice, device) == choose_precision(choice, device, "torch")
+    assert resolve_precision("auto", CPU, cpu_bf16=True) == "bf16"
 
 
 def test_classes_are_the_best_positive_logit():
@@ -149,7 +161,10 @@ def test_default_predictor_runs_openvino_on_the_cpu(tmp_path):
 
 
 @needs_openvino
-def test_openvino_rejects_inputs_of_another_size(tmp_path):
-    stage = StageModel(_checkpoint(tmp_path), CPU, "fp32", backend="openvino")
+def test_openvino_rejects_inputs_of_another_size_and_takes_its_threads_explicitly(tmp_path):
+    stage = StageModel(_checkpoint(tmp_path), CPU, "fp32", backend="openvino", threads=1)
     with pytest.raises(ValueError, match="takes \\[32, 32, 32\\] inputs"):
         stage._forward(torch.zeros(1, 1, 16, 32, 32))
+    # predict.threads reaches OpenVINO itself, whatever torch's global setting is
+    assert torch.get_num_threads() != 1 or os.cpu_count() == 1
+    assert int(stage._forward.compiled.get_property("INFERENCE_NUM_THREADS")) == 1

@@ -37,7 +37,7 @@ from flareseg.engine.resume import (
 from flareseg.engine.runlog import RunLog
 from flareseg.losses import build_loss, hard_dice
 from flareseg.models import build_model
-from flareseg.models.runtime import autocast
+from flareseg.models.runtime import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 Hook = Callable[["Trainer"], None]
@@ -56,7 +56,7 @@ class Trainer:
         _check_input_size(config, self.data_dir)
         self.config, self.context, self.settings = config, context, config.train
         self.device = context.device
-        self.precision = _precision(self.settings.precision, self.device)
+        self.precision = resolve_precision(self.settings.precision, self.device)
         self.hooks: dict[str, list[Hook]] = {"before_train": [], "after_epoch": [], "after_train": []}
 
         torch.manual_seed(self.settings.seed)  # the same initial weights in every process
@@ -330,12 +330,6 @@ def _check_input_size(config: Config, data_dir: Path) -> None:
 def _listed(values) -> str:
     """[32,32,32]: the form --set takes."""
     return "[" + ",".join(str(v) for v in values) + "]"
-
-
-def _precision(choice: str, device: torch.device) -> str:
-    if choice == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return choice
 
 
 def run_folder(config: Config) -> Path:

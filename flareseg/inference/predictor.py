@@ -69,10 +69,12 @@ class Predictor:
             paths = [settings.coarse, settings.fine]
         self.settings = settings
         self.device = resolve_device(settings.device)
-        if settings.threads is not None:
+        if settings.threads is not None:  # torch's own pool (resampling, post-processing, the torch backend)
             torch.set_num_threads(settings.threads)
         stages = [
-            StageModel(path, self.device, settings.precision, settings.window_overlap, settings.backend)
+            StageModel(
+                path, self.device, settings.precision, settings.window_overlap, settings.backend, settings.threads
+            )
             for path in paths
         ]
         self.roi, self.segmenters = (None, stages) if len(stages) == 1 else (stages[0], stages[1:])

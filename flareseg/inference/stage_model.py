@@ -39,6 +39,7 @@ class StageModel:
         precision: str,
         overlap: float = 0.25,
         backend: str = "torch",
+        threads: int | None = None,
     ):
         path = Path(checkpoint)
         state, self.config = load_trained(path)
@@ -54,7 +55,6 @@ class StageModel:
         self.backend = choose_backend(backend, device, precision)
         self.precision = choose_precision(precision, device, self.backend)
         if self.backend == "openvino":
-            threads = torch.get_num_threads()
             self._forward = OpenVinoRunner(self.model, path, self.input_size, threads, self.precision, output)
         else:
             channels_last = self.config.model.channels_last

@@ -25,6 +25,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def resolve_precision(choice: str, device: torch.device, cpu_bf16: bool = False) -> Precision:
+    """What precision "auto" means, for training and prediction alike: fp16 on CUDA; on the CPU bf16 where the
+    runner computes it natively (`cpu_bf16`: OpenVINO on a CPU with bf16 instructions), else fp32."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_bf16 else "fp32"
+
+
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     """torch.autocast in fp16 or bf16 on `device`, or a null context for fp32."""
     if precision == "fp32":
