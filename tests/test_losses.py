@@ -200,6 +200,26 @@ def test_unknown_loss_name_lists_the_known_ones():
     assert all(name in str(error.value) for name in ("dice", "dice_bce", "dice_focal", "dice_topk"))
 
 
+def test_a_registered_loss_can_be_chosen_from_the_config(tmp_path):
+    """The registry, not a fixed list in the config schema, decides which loss names are valid."""
+    from flareseg.config import load_config
+    from flareseg.losses import LOSSES, register_loss
+
+    @register_loss("dice_half_bce")
+    def _half_bce(cfg):
+        return lambda logits, target, weights: 0.5 * bce_term(logits, target, weights)
+
+    try:
+        (tmp_path / "loss.yaml").write_text("train:\n  loss:\n    name: dice_half_bce\n")
+        config = load_config(tmp_path / "loss.yaml", [])
+        loss = build_loss(config.train.loss)
+        logits, target = torch.randn(1, 2, 4, 4, 4), torch.rand(1, 2, 4, 4, 4) > 0.5
+        dice, dice_bce = (build_loss(LossConfig(name=n))(logits, target) for n in ("dice", "dice_bce"))
+        assert loss(logits, target).item() == pytest.approx(0.5 * (dice + dice_bce).item(), rel=1e-5)
+    finally:
+        del LOSSES["dice_half_bce"]
+
+
 def test_hard_dice_follows_the_flare_conventions():
     prediction = torch.zeros(1, 4, 2, 3, dtype=torch.bool)
     target = torch.zeros(1, 4, 2, 3, dtype=torch.bool)

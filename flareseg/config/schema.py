@@ -195,7 +195,9 @@ class AugmentConfig:
 class LossConfig:
     """Segmentation loss on per-label sigmoids (no background channel)."""
 
-    name: Literal["dice", "dice_focal", "dice_bce", "dice_topk"] = "dice"  # soft Dice (squared denominator) + ...
+    # soft Dice (squared denominator) + the term the loss registry names: dice (none), dice_focal, dice_bce,
+    # dice_topk, or any loss added with flareseg.losses.register_loss (the registry decides which names are valid)
+    name: str = "dice"
     smooth: float = 1e-5  # added to the Dice numerator and denominator
     focal_alpha: float = 0.5  # focal term: weight of positives (negatives get 1 - alpha)
     focal_gamma: float = 2.0
