@@ -95,8 +95,13 @@ def test_ramp_up(data, tmp_path):
 
 def test_resume_restores_both_networks(data, tmp_path):
     CrossPseudoSupervisionTrainer(_config(data, tmp_path / "a", "train.epochs=2"), CPU).fit()
-    first = CrossPseudoSupervisionTrainer(_config(data, tmp_path / "b", "train.epochs=2"), CPU)
-    first.add_hook("after_epoch", lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.epoch == 1 else None)
+
+    class StoppedAfterOneEpoch(CrossPseudoSupervisionTrainer):
+        def _end_epoch(self):
+            if self.epoch == 1:
+                raise KeyboardInterrupt
+
+    first = StoppedAfterOneEpoch(_config(data, tmp_path / "b", "train.epochs=2"), CPU)
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     CrossPseudoSupervisionTrainer(_config(data, tmp_path / "b", "train.epochs=2"), CPU).fit()

@@ -81,13 +81,12 @@ def test_resume_ends_with_the_same_weights(prepared, tmp_path):
     uninterrupted = Trainer(_config(prepared, tmp_path / "a", "train.epochs=3"), CPU)
     uninterrupted.fit()
 
-    interrupted = Trainer(_config(prepared, tmp_path / "b", "train.epochs=3"), CPU)
+    class StoppedAfterOneEpoch(Trainer):
+        def _end_epoch(self):
+            if self.epoch == 1:
+                raise KeyboardInterrupt  # as if the job were killed right after its first checkpoint
 
-    def stop_after_first_epoch(trainer):
-        if trainer.epoch == 1:
-            raise KeyboardInterrupt  # as if the job were killed right after its first checkpoint
-
-    interrupted.add_hook("after_epoch", stop_after_first_epoch)
+    interrupted = StoppedAfterOneEpoch(_config(prepared, tmp_path / "b", "train.epochs=3"), CPU)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
     resumed = Trainer(_config(prepared, tmp_path / "b", "train.epochs=3"), CPU)

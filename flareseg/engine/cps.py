@@ -15,11 +15,11 @@ import math
 from dataclasses import replace
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from flareseg.data.training_sets import UnlabeledSamples
 from flareseg.engine.checkpoint import BEST, LATEST, CheckpointError, load_weights, save_checkpoint, unwrap
+from flareseg.engine.distributed import wrap_for_processes
 from flareseg.engine.optim import build_optimizer, set_learning_rate
 from flareseg.engine.resume import FRESH_START, load_optimizer_state
 from flareseg.engine.trainer import Trainer
@@ -36,13 +36,7 @@ class CrossPseudoSupervisionTrainer(Trainer):
         settings = self.config.semi_supervised
         torch.manual_seed(self.settings.seed + 7919)  # net B: its own, independent initialisation
         self.model_b = build_model(self.config).to(self.device)
-        self.network_b = (
-            DistributedDataParallel(
-                self.model_b, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-            if self.context.distributed
-            else self.model_b
-        )
+        self.network_b = wrap_for_processes(self.model_b, self.context)
         torch.manual_seed(self.settings.seed + self.context.rank)
         self.optimizer_b = build_optimizer(self.settings, self.model_b)
         unlabeled = self.data.unlabeled_ids()

@@ -66,6 +66,14 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, target)
 
 
+def wrap_for_processes(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
+    """`model` in DistributedDataParallel when several processes train (on this process's GPU, if any), else itself."""
+    if not context.distributed:
+        return model
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def die_with_launcher() -> bool:
     """Under torchrun, have this process end (SIGTERM) when its launcher dies, even by SIGKILL.
 

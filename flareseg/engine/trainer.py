@@ -1,21 +1,22 @@
 """The trainer: one stage (coarse or fine) on prepared data, with torch.amp and DDP, resumable and observable.
 
 fit():
-    before_train hooks
-    for each epoch:  set lr -> train_epoch (train_step per batch) -> validate -> checkpoint -> log -> hooks
-    after_train hooks
+    for each epoch:  set lr -> _start_epoch -> train_epoch (train_step per batch) -> validate -> checkpoint -> log
+                     -> _end_epoch
+
+Variants (cross pseudo supervision, distillation) are subclasses, the one extension mechanism; they override
+_build_extra, _start_epoch, train_step, _end_epoch (the "extension point" methods) and, to checkpoint what they add,
+_state, _restore_extra and _save.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -24,7 +25,13 @@ from flareseg.data.patches import sliding_window
 from flareseg.data.prepared import PreparedData
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
 from flareseg.engine.checkpoint import BEST, LATEST, load_pretrained, save_checkpoint, unwrap
-from flareseg.engine.distributed import DistributedContext, any_process, barrier, mean_over_processes
+from flareseg.engine.distributed import (
+    DistributedContext,
+    any_process,
+    barrier,
+    mean_over_processes,
+    wrap_for_processes,
+)
 from flareseg.engine.loaders import data_loader
 from flareseg.engine.optim import build_optimizer, set_learning_rate
 from flareseg.engine.resume import (
@@ -40,7 +47,6 @@ from flareseg.models import build_model
 from flareseg.models.runtime import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
-Hook = Callable[["Trainer"], None]
 
 
 class Trainer:
@@ -57,18 +63,13 @@ class Trainer:
         self.config, self.context, self.settings = config, context, config.train
         self.device = context.device
         self.precision = resolve_precision(self.settings.precision, self.device)
-        self.hooks: dict[str, list[Hook]] = {"before_train": [], "after_epoch": [], "after_train": []}
 
         torch.manual_seed(self.settings.seed)  # the same initial weights in every process
         self.model = build_model(config).to(self.device)
         if self.settings.pretrained is not None:
             report = load_pretrained(self.model, self.settings.pretrained)
             self._info(f"pretrained weights from {self.settings.pretrained}: {report.summary()}")
-        self.network = (
-            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if context.distributed
-            else self.model
-        )
+        self.network = wrap_for_processes(self.model, context)
         torch.manual_seed(self.settings.seed + context.rank)  # dropout and loader seeds differ between ranks
         self.optimizer = build_optimizer(self.settings, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -106,7 +107,6 @@ class Trainer:
         if self.context.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.out_dir)
-        self._run_hooks("before_train")
         while self.epoch < self.settings.epochs:
             lr = set_learning_rate(self.optimizer, self.settings, self.epoch)
             start = time.perf_counter()
@@ -128,10 +128,9 @@ class Trainer:
             if self.context.is_main:
                 self._save(record, last)
             barrier(self.context)
-            self._run_hooks("after_epoch")
+            self._end_epoch()
             if last:
                 break
-        self._run_hooks("after_train")
         if self.runlog is not None:
             self.runlog.close()
         return self.runlog.history if self.runlog is not None else []
@@ -210,6 +209,10 @@ class Trainer:
     def _start_epoch(self) -> None:
         """Extension point: called at the start of each training epoch."""
 
+    def _end_epoch(self) -> None:
+        """Extension point: called after each epoch's checkpoint and log line are written (self.epoch is the
+        number of epochs done)."""
+
     def _restore_extra(self, state: dict) -> None:
         """Extension point: restore what a subclass added to the checkpoint state."""
 
@@ -240,10 +243,6 @@ class Trainer:
         names = self.config.class_names
         organs = {name: means[i] for i, name in enumerate(names) if per_label_count[i] > 0}
         return {"val_dice_mean": sum(organs.values()) / max(len(organs), 1), "val_dice": organs}
-
-    def add_hook(self, when: str, hook: Hook) -> None:
-        """Run `hook(trainer)` at "before_train", "after_epoch" or "after_train"."""
-        self.hooks[when].append(hook)
 
     # ---------------------------------------------------------------------------------------------------------
     def _out_of_time(self) -> bool:
@@ -303,10 +302,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self._info(f"resumed from {path} at epoch {self.epoch + 1}")
         return state["history"]
-
-    def _run_hooks(self, when: str) -> None:
-        for hook in self.hooks[when]:
-            hook(self)
 
     def _info(self, message: str) -> None:
         if self.context.is_main:
