@@ -17,7 +17,13 @@ from flareseg.cli import main
 from flareseg.data.crop import Box
 from flareseg.data.phantom import make_phantom, write_phantom_dataset
 from flareseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from flareseg.inference.postprocess import box_to_source, foreground_box, keep_components
+from flareseg.inference.postprocess import (
+    EVERY_COMPONENT,
+    EVERY_LARGE_COMPONENT,
+    box_to_source,
+    foreground_box,
+    keep_components,
+)
 from flareseg.io import read_image, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,6 +203,12 @@ def test_keep_components_keeps_the_largest_and_big_enough_others():
     label[10:12, 1:3, 10:12] = 2  # a second, 8-voxel part of label 2
     per_label = keep_components(label.copy(), (1.0, 1.0, 1.0), min_volume_mm3=0, keep=1, keep_per_label={1: 2})
     assert (per_label == 1).sum() == 125 + 64 and (per_label == 2).sum() == 8
+    # The two named counts without a limit: every component above the minimum volume, or every component.
+    label[15:17, 1:3, 15:17] = 1  # a fourth part of label 1, 8 voxels
+    large = keep_components(label.copy(), (1.0, 1.0, 1.0), 50, keep=1, keep_per_label={1: EVERY_LARGE_COMPONENT})
+    assert (large == 1).sum() == 125 + 64
+    every = keep_components(label.copy(), (1.0, 1.0, 1.0), 50, keep=1, keep_per_label={1: EVERY_COMPONENT})
+    assert (every == 1).sum() == 125 + 8 + 64 + 8
 
 
 def test_box_to_source_covers_the_resampled_box():

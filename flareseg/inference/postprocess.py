@@ -9,13 +9,21 @@ from scipy import ndimage
 
 from flareseg.data.crop import Box
 
+EVERY_COMPONENT = 0  # a count that leaves a label untouched: every component, any size (lesions)
+EVERY_LARGE_COMPONENT = None  # a count without limit: every component of at least the minimum volume
+
 
 def keep_components(
-    label_map: np.ndarray, spacing, min_volume_mm3: float, keep: int = 1, keep_per_label: dict[int, int] | None = None
+    label_map: np.ndarray,
+    spacing,
+    min_volume_mm3: float,
+    keep: int = 1,
+    keep_per_label: dict[int, int | None] | None = None,
 ) -> np.ndarray:
     """Per label, keep the `keep` (or `keep_per_label[label]`) largest connected components (26-connectivity) of at
     least `min_volume_mm3`; the largest component of each label is always kept, so a small organ is never erased.
-    A count of 0 leaves that label untouched (every component, any size: lesions). In place; returns it."""
+    A count of EVERY_COMPONENT (0) leaves that label untouched; EVERY_LARGE_COMPONENT (None) sets no limit on the
+    count but still drops components under the minimum volume. In place; returns it."""
     voxel_mm3 = math.prod(spacing)
     structure = np.ones((3, 3, 3), dtype=bool)
     for value, box in enumerate(ndimage.find_objects(label_map), start=1):
@@ -29,7 +37,7 @@ def keep_components(
         sizes = np.bincount(components.ravel())[1:]
         order = np.argsort(sizes)[::-1]
         count_kept = (keep_per_label or {}).get(value, keep)
-        if count_kept == 0:  # keep every component (e.g. lesions)
+        if count_kept == EVERY_COMPONENT:
             continue
         kept = [order[0]] + [i for i in order[1:count_kept] if sizes[i] * voxel_mm3 >= min_volume_mm3]
         survivors = np.zeros(count + 1, dtype=bool)

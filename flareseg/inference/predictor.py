@@ -22,7 +22,7 @@ import torch
 from flareseg.config.schema import PredictConfig
 from flareseg.data.crop import Box, expand_box_mm
 from flareseg.data.resample import resampled_geometry, resize_label
-from flareseg.inference.postprocess import box_to_source, foreground_box, keep_components
+from flareseg.inference.postprocess import EVERY_LARGE_COMPONENT, box_to_source, foreground_box, keep_components
 from flareseg.inference.stage_model import StageModel
 from flareseg.io import Geometry, from_canonical, read_image, to_canonical, write_image
 from flareseg.models.runtime import resolve_device
@@ -131,7 +131,8 @@ class Predictor:
         if self.roi is None:
             return Box((0, 0, 0), tuple(canonical.shape))
         found = self.roi.label_map(volume, canonical.spacing, regions=True).cpu().numpy()
-        grouped = {group[0]: 10**6 for group in self.roi.groups if len(group) > 1}  # a merged ROI: every component
+        # a region merged from several labels (the ROI of a cascade) has as many parts as it has: no count limit
+        grouped = {group[0]: EVERY_LARGE_COMPONENT for group in self.roi.groups if len(group) > 1}
         self._filter(
             found, resampled_geometry(canonical, found.shape).spacing, self.settings.coarse_min_volume_mm3, grouped
         )
