@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from flareseg.config import ConfigError
 from flareseg.io import IMAGE_SUFFIXES, Geometry, image_suffix, is_dicom_dir, strip_image_suffix
+from flareseg.io.folders import FolderCases, existing_folder, find_labels, is_broken_link, resolve_cases
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 IMAGE_NAMING = "<case>_0000.<ext>"
@@ -47,21 +48,13 @@ class InputFolderError(ValueError):
     """An input folder that yields no image; the message says what it holds and what to pass instead."""
 
 
-@dataclass
-class FolderCases:
-    """The cases of one folder: case id -> file (or DICOM folder), and the cases that cannot be used."""
-
-    paths: dict[str, Path] = field(default_factory=dict)  # sorted by case id
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (case id, "file: reason")
-
-
 def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> FolderCases:
     """Every channel-0 image (`<case>_0000.<ext>` file or DICOM folder) of `folder`, by case id.
 
     `exclude`: a sub-folder to pass over silently (an output folder inside the input folder).
     Raises FileNotFoundError or NotADirectoryError for a missing folder, InputFolderError when it holds no image.
     """
-    folder = _existing_folder(folder)
+    folder = existing_folder(folder)
     skip = Path(exclude).resolve() if exclude is not None else None
     candidates: dict[str, list[Path]] = {}
     misnamed: list[Path] = []  # image files without the channel suffix
@@ -71,7 +64,7 @@ def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = N
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or (skip is not None and path.resolve() == skip):
             continue
-        broken = _is_broken_link(path)
+        broken = is_broken_link(path)
         if path.is_dir():
             if not _holds_dicom_series(path):
                 not_dicom.append(path)
@@ -96,18 +89,7 @@ def find_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = N
         log.warning("ignored %s: not named %s", path, IMAGE_NAMING)
     for path in not_dicom:
         log.warning("ignored %s: a folder without a readable DICOM series", path)
-    return _resolve(candidates, "images")
-
-
-def find_labels(folder: str | os.PathLike) -> FolderCases:
-    """Every label map (`<case>.<ext>`, no channel suffix) of `folder`, by case id; other entries are ignored."""
-    folder = _existing_folder(folder)
-    candidates: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not image_suffix(path) or path.is_dir():
-            continue
-        candidates.setdefault(strip_image_suffix(path), []).append(path)
-    return _resolve(candidates, "label maps")
+    return resolve_cases(candidates, "images")
 
 
 @dataclass
@@ -133,7 +115,7 @@ def discover_cases(images: Path | None, labels: Path | None, unlabeled: Path | N
     found = Discovery()
     for folder in (images, labels, unlabeled):
         if folder is not None:
-            _existing_folder(folder)
+            existing_folder(folder)
     labeled: set[str] = set()
     if images is not None:
         image_files = find_images(images)
@@ -171,19 +153,6 @@ def find_cases(
     return found.cases, found.problems
 
 
-def _existing_folder(folder: str | os.PathLike) -> Path:
-    """`folder` as a Path; a missing folder or a file raises with a one-line reason."""
-    folder = Path(folder)
-    if _is_broken_link(folder):
-        raise FileNotFoundError(f"{folder}: broken symbolic link to {os.readlink(folder)}")
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        hint = "; pass the folder that holds it" if image_suffix(folder) else ""
-        raise NotADirectoryError(f"{folder}: is a file, not a folder{hint}")
-    return folder
-
-
 def _holds_dicom_series(folder: Path) -> bool:
     """`is_dicom_dir` without ITK's multi-line warning for a folder without a series (an expected answer here)."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -192,24 +161,6 @@ def _holds_dicom_series(folder: Path) -> bool:
         return is_dicom_dir(folder)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _is_broken_link(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
-
-
-def _resolve(candidates: dict[str, list[Path]], what: str) -> FolderCases:
-    """One path per case id; a case with several files or a broken link becomes a problem."""
-    found = FolderCases()
-    for case_id, paths in sorted(candidates.items()):
-        if len(paths) > 1:
-            names = ", ".join(map(str, paths[:-1])) + f" and {paths[-1]}"
-            found.problems.append((case_id, f"{names}: {len(paths)} {what} for case '{case_id}'; keep one"))
-        elif _is_broken_link(paths[0]):
-            found.problems.append((case_id, f"{paths[0]}: broken symbolic link to {os.readlink(paths[0])}"))
-        else:
-            found.paths[case_id] = paths[0]
-    return found
 
 
 def _nothing_found(

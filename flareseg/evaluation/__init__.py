@@ -1,6 +1,6 @@
 """FLARE evaluation: Dice and NSD (surface Dice at a tolerance) per structure, per case and per folder."""
 
-from flareseg.evaluation.evaluate import evaluate_folder, find_label_maps, format_summary
+from flareseg.evaluation.evaluate import evaluate_folder, format_summary
 from flareseg.evaluation.metrics import dice, dice_and_nsd, nsd
 from flareseg.evaluation.protocol import PRESETS, Preset, Score, Target, get_preset, score_case, summarize
 from flareseg.evaluation.surface import (
@@ -21,7 +21,6 @@ __all__ = [
     "dice",
     "dice_and_nsd",
     "evaluate_folder",
-    "find_label_maps",
     "format_summary",
     "get_preset",
     "nsd",

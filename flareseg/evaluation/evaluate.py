@@ -17,7 +17,8 @@ import numpy as np
 
 from flareseg.atomic import atomic_write_text
 from flareseg.evaluation.protocol import Preset, Score, get_preset, score_case, summarize
-from flareseg.io import ImageReadError, image_suffix, read_image, strip_image_suffix
+from flareseg.io import ImageReadError, read_image
+from flareseg.io.folders import find_labels
 from flareseg.processes import tie_to_process
 from flareseg.workers import worker_context
 
@@ -35,30 +36,6 @@ class CaseOutcome:
     scores: list[Score] = field(default_factory=list)
     error: str | None = None
     missing_prediction: bool = False
-
-
-def find_label_maps(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, str]]:
-    """{case id: file} for the `<case>.nii.gz` (.nii, .nrrd, .mha) files of a folder, and {case id: "file: reason"}
-    for the cases it holds but cannot give (two files for one case, a broken symbolic link)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder}: not a folder")
-    candidates: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.name.startswith(".") and not path.is_dir() and image_suffix(path):
-            candidates.setdefault(strip_image_suffix(path), []).append(path)
-    found: dict[str, Path] = {}
-    problems: dict[str, str] = {}
-    for case, paths in candidates.items():
-        if len(paths) > 1:  # which one is meant is unknown: that case fails, the others are evaluated
-            problems[case] = f"{' and '.join(map(str, paths))}: {len(paths)} files for case '{case}'; keep one"
-        elif paths[0].is_symlink() and not paths[0].exists():
-            problems[case] = f"{paths[0]}: broken symbolic link to {os.readlink(paths[0])}"
-        else:
-            found[case] = paths[0]
-    return found, problems
 
 
 def evaluate_folder(
@@ -81,10 +58,10 @@ def evaluate_folder(
         raise ValueError(f"workers must be at least 1, got {workers}")
     if out is not None and Path(out).is_dir():  # checked before the work, not when writing its result
         raise IsADirectoryError(f"{out}: is a folder; give a file name such as {Path(out) / 'scores.csv'}")
-    gt_files, gt_problems = find_label_maps(gt_dir)
-    if not gt_files and not gt_problems:
+    gt, pred = find_labels(gt_dir), find_labels(pred_dir)
+    if not gt.paths and not gt.problems:
         raise FileNotFoundError(f"{gt_dir}: no label maps (<case>.nii.gz, .nii, .nrrd or .mha)")
-    pred_files, pred_problems = find_label_maps(pred_dir)
+    gt_files, gt_problems, pred_files, pred_problems = gt.paths, dict(gt.problems), pred.paths, dict(pred.problems)
     cases = sorted({*gt_files, *gt_problems})
     problems = {**{case: pred_problems[case] for case in cases if case in pred_problems}, **gt_problems}
     jobs = [(case, gt_files[case], pred_files.get(case), preset) for case in cases if case not in problems]
