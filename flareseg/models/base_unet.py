@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flareseg.models.blocks import REFERENCE_STYLE, ResidualBlock, UnitStyle, check_network_arguments
+from flareseg.models.blocks import (
+    REFERENCE_STYLE,
+    EncoderDecoder,
+    ResidualBlock,
+    UnitStyle,
+    check_network_arguments,
+)
 
 
 class ConcatDecoderStep(nn.Module):
@@ -28,7 +34,7 @@ class ConcatDecoderStep(nn.Module):
         return self.block(torch.cat([x, skip], dim=1))
 
 
-class BaseUNet(nn.Module):
+class BaseUNet(EncoderDecoder):
     """Coarse whole-volume network. Input (B, in_channels, D, H, W), any size; output (B, num_classes, D, H, W)."""
 
     def __init__(
@@ -53,12 +59,5 @@ class BaseUNet(nn.Module):
         )
         self.head = nn.Conv3d(channels[0], num_classes, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for level, stage in enumerate(self.encoder):
-            x = stage(x if level == 0 else self.pool(x))
-            skips.append(x)
-        x = skips.pop()
-        for step in self.decoder:
-            x = step(x, skips.pop())
-        return self.head(x)
+    def downsample(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        return x if level == 0 else self.pool(x)

@@ -149,5 +149,33 @@ class ContextBlock(nn.Module):
         return along_d + along_h + along_w  # broadcast back to (B, C, D, H, W)
 
 
+class EncoderDecoder(nn.Module):
+    """The forward every flareseg network shares. Each encoder stage's output is a skip; the deepest, through
+    `bottleneck`, goes up the decoder steps, each joining the next skip; a 1x1x1 head gives the logits.
+
+    Subclasses build `encoder` and `decoder` (nn.ModuleLists) and `head`, and may override `downsample` (what a
+    stage's input goes through first: pooling, where the stages do not stride themselves) and `bottleneck`."""
+
+    encoder: nn.ModuleList
+    decoder: nn.ModuleList
+    head: nn.Module
+
+    def downsample(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, stage in enumerate(self.encoder):
+            x = stage(self.downsample(level, x))
+            skips.append(x)
+        x = self.bottleneck(skips.pop())
+        for step in self.decoder:
+            x = step(x, skips.pop())
+        return self.head(x)
+
+
 def _triple(value) -> tuple[int, int, int]:
     return (value,) * 3 if isinstance(value, int) else tuple(value)

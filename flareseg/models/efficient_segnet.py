@@ -19,6 +19,7 @@ from flareseg.models.blocks import (
     AnisotropicBlock,
     ContextBlock,
     ConvUnit,
+    EncoderDecoder,
     ResidualBlock,
     UnitStyle,
     check_network_arguments,
@@ -45,7 +46,7 @@ class SlimDecoderStep(nn.Module):
         return self.block(x + skip)
 
 
-class EfficientSegNet(nn.Module):
+class EfficientSegNet(EncoderDecoder):
     """Fine ROI network. Input (B, in_channels, D, H, W), any size; output (B, num_classes, D, H, W) logits."""
 
     def __init__(
@@ -72,12 +73,5 @@ class EfficientSegNet(nn.Module):
         )
         self.head = nn.Conv3d(channels[0], num_classes, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = self.context(skips.pop())
-        for step in self.decoder:
-            x = step(x, skips.pop())
-        return self.head(x)
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return self.context(x)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flareseg.models.blocks import ConvUnit, UnitStyle, check_network_arguments
+from flareseg.models.blocks import ConvUnit, EncoderDecoder, UnitStyle, check_network_arguments
 
 NNUNET_STYLE = UnitStyle(norm_affine=True, dropout=0.0, activation="leaky_relu")  # nnU-Net's conv unit
 
@@ -38,7 +38,7 @@ class UpStep(nn.Module):
         return self.convs(torch.cat([x, skip], dim=1))
 
 
-class SmallUNet(nn.Module):
+class SmallUNet(EncoderDecoder):
     """Input (B, in_channels, D, H, W), any size; output (B, num_classes, D, H, W) logits."""
 
     def __init__(
@@ -60,13 +60,3 @@ class SmallUNet(nn.Module):
             UpStep(channels[i + 1], channels[i], blocks_per_stage, style) for i in reversed(range(len(channels) - 1))
         )
         self.head = nn.Conv3d(channels[0], num_classes, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = skips.pop()
-        for step in self.decoder:
-            x = step(x, skips.pop())
-        return self.head(x)
