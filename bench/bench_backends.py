@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
-from flareseg.engine.checkpoint import save_checkpoint
 from flareseg.inference.backends import OpenVinoRunner, cpu_has_native_bf16, openvino_available
 from flareseg.models import build_model
 from flareseg.models.complexity import count_multiply_adds

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
+from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
 from flareseg.data.phantom import make_phantom
 from flareseg.data.resample import resize_label
-from flareseg.engine.checkpoint import save_checkpoint
 from flareseg.io import read_image, to_canonical, write_image
 from flareseg.memory import _proc_status_mb, peak_cuda_mb, peak_rss_mb, reset_peak_memory
 from flareseg.models import build_model

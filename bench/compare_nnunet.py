@@ -48,10 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import NETWORKS, TINY  # noqa: E402
 
+from flareseg.checkpoint import save_checkpoint  # noqa: E402
 from flareseg.config import load_config, to_plain  # noqa: E402
 from flareseg.config.schema import FLARE_ORGANS  # noqa: E402
 from flareseg.data.phantom import make_phantom, write_phantom_dataset  # noqa: E402
-from flareseg.engine.checkpoint import save_checkpoint  # noqa: E402
 from flareseg.inference.backends import openvino_available  # noqa: E402
 from flareseg.io import read_image, write_image  # noqa: E402
 from flareseg.models import build_model  # noqa: E402

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
+from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
-from flareseg.engine.checkpoint import save_checkpoint
 from flareseg.inference.backends import (
     OpenVinoRunner,
     cache_dir,
@@ -103,7 +103,7 @@ def test_openvino_logits_and_labels_match_torch(tmp_path):
 def test_exports_are_keyed_by_the_network_not_the_checkpoint_file(tmp_path):
     """A copy of a checkpoint with other history (a resumed or retrained run, same weights) reuses the export;
     other weights get their own."""
-    from flareseg.engine.checkpoint import load_checkpoint, save_checkpoint
+    from flareseg.checkpoint import load_checkpoint, save_checkpoint
 
     path = _checkpoint(tmp_path)
     StageModel(path, CPU, "fp32", backend="openvino")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flareseg.checkpoint import LATEST, load_checkpoint
 from flareseg.cli import main
 from flareseg.config import load_config
 from flareseg.data.phantom import make_phantom, write_phantom_dataset
-from flareseg.engine.checkpoint import LATEST, load_checkpoint
 from flareseg.engine.cps import BEST_B, LATEST_B, CrossPseudoSupervisionTrainer
 from flareseg.io import write_image
 from tests.tiny import CPU, LABELS, LIVER_KIDNEY_SPLEEN, prepare_tiny

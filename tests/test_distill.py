@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flareseg.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from flareseg.cli import main
 from flareseg.config import ConfigError, load_config, to_plain
 from flareseg.data.phantom import write_phantom_dataset
-from flareseg.engine.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from flareseg.engine.distill import DistillationTrainer, distillation_term
 from flareseg.losses import hard_dice
 from flareseg.models import build_model

@@ -18,21 +18,21 @@ import pytest
 import torch
 
 from flareseg.atomic import is_temporary, process_alive
-from flareseg.cli import main
-from flareseg.config import load_config, save_config
-from flareseg.data.phantom import write_phantom_dataset
-from flareseg.engine.checkpoint import (
+from flareseg.checkpoint import (
     LATEST,
     CheckpointError,
     load_checkpoint,
     load_pretrained,
-    load_trained,
     save_checkpoint,
 )
+from flareseg.cli import main
+from flareseg.config import load_config, save_config
+from flareseg.data.phantom import write_phantom_dataset
 from flareseg.engine.run import train
 from flareseg.engine.trainer import Trainer, _check_input_size
 from flareseg.locks import LOCK_FILE, FolderLock
 from flareseg.models import build_model
+from flareseg.stage import TrainedStage
 from tests.tiny import CPU, LABELS, LIVER_KIDNEY_SPLEEN, STAGE_MODELS, prepare_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,7 +265,7 @@ def test_unusable_checkpoint_files_are_one_line_errors(trained, tmp_path, kind, 
     path = _damaged(kind, tmp_path, trained[0] / LATEST)
     model = build_model(load_config(None, [LABELS]))
     loaders = {
-        "'predict.coarse': checkpoint": lambda: load_trained(path, "'predict.coarse': checkpoint"),
+        "'predict.coarse': checkpoint": lambda: TrainedStage.load(path, "'predict.coarse': checkpoint"),
         "'train.pretrained': checkpoint": lambda: load_pretrained(model, path),
         "checkpoint": lambda: load_checkpoint(path),
     }
@@ -283,14 +283,14 @@ def test_unusable_checkpoint_files_are_one_line_errors(trained, tmp_path, kind, 
         (["data.labels=[liver, kidney]", *STAGE_MODELS["coarse"]], "1 tensors of another shape (e.g. head.weight"),
     ],
 )
-def test_load_trained_rejects_weights_that_are_not_of_its_config(trained, tmp_path, weights_of, differs):
+def test_a_trained_stage_rejects_weights_that_are_not_of_its_config(trained, tmp_path, weights_of, differs):
     """The predictor and distillation's teacher build the network of the checkpoint's config and load its weights:
     weights of another network failed there with a traceback listing every tensor."""
     state = load_checkpoint(trained[0] / LATEST)
     state["model"] = build_model(load_config(None, [LABELS, *weights_of])).state_dict()
     path = save_checkpoint(tmp_path / "mixed.pt", state)
     with pytest.raises(CheckpointError) as caught:
-        load_trained(path)
+        TrainedStage.load(path)
     message = str(caught.value)
     assert f"{path} (model.name base_unet) does not fit this network" in message and differs in message, message
 

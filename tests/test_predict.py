@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from flareseg.checkpoint import load_checkpoint, save_checkpoint
 from flareseg.cli import main
 from flareseg.data.crop import Box
 from flareseg.data.phantom import make_phantom, write_phantom_dataset
-from flareseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from flareseg.inference.postprocess import (
     EVERY_COMPONENT,
     EVERY_LARGE_COMPONENT,

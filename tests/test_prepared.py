@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from flareseg.checkpoint import LATEST, load_checkpoint
 from flareseg.config import ConfigError, load_config
 from flareseg.data.index import INDEX_DIR, META_SPLITS, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepared import PreparedArrays, PreparedData, StageGrid
-from flareseg.engine.checkpoint import LATEST, load_checkpoint
 from flareseg.engine.trainer import Trainer
 from tests.tiny import CPU, LIVER_KIDNEY_SPLEEN, STAGE_MODELS, prepare_tiny
 

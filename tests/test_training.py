@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flareseg.checkpoint import BEST, LATEST, load_checkpoint
 from flareseg.config import load_config
 from flareseg.data.phantom import write_phantom_dataset
 from flareseg.data.prepare import prepare_dataset
-from flareseg.engine.checkpoint import BEST, LATEST, load_checkpoint
 from flareseg.engine.distributed import DistributedContext
 from flareseg.engine.trainer import Trainer
 

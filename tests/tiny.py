@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from flareseg.checkpoint import LATEST
 from flareseg.config import load_config
 from flareseg.data.prepare import prepare_dataset
-from flareseg.engine.checkpoint import LATEST
 from flareseg.engine.distributed import DistributedContext
 from flareseg.engine.trainer import Trainer
 

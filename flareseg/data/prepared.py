@@ -26,18 +26,9 @@ from torch.utils.data import Dataset
 
 from flareseg.config import Config, ConfigError
 from flareseg.data.index import INDEX_DIR, META_SETTINGS, META_SPLITS, CaseIndex
+from flareseg.stage import StageGrid
 
 STAGES = ("coarse", "fine")  # the stage grids every prepared folder holds
-
-
-@dataclass(frozen=True)
-class StageGrid:
-    """How one stage's arrays were made: resized to a fixed `size`, or resampled to a fixed `spacing` (mm, z y x);
-    the fine stage also has the margin grown around the label box."""
-
-    size: tuple[int, ...] | None
-    spacing: tuple[float, ...] | None
-    margin_mm: float | None = None
 
 
 @dataclass(frozen=True)

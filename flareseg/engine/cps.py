@@ -17,8 +17,8 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DistributedSampler
 
+from flareseg.checkpoint import BEST, LATEST, CheckpointError, load_weights, save_checkpoint, unwrap
 from flareseg.data.training_sets import UnlabeledSamples
-from flareseg.engine.checkpoint import BEST, LATEST, CheckpointError, load_weights, save_checkpoint, unwrap
 from flareseg.engine.distributed import wrap_for_processes
 from flareseg.engine.optim import build_optimizer, set_learning_rate
 from flareseg.engine.resume import FRESH_START, load_optimizer_state

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flareseg.config import Config, ConfigError
-from flareseg.engine.checkpoint import load_trained
 from flareseg.engine.trainer import Trainer
-from flareseg.models import build_model
 from flareseg.models.runtime import autocast, prepare_for_inference
+from flareseg.stage import TrainedStage
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +45,16 @@ def load_teacher(path: Path, student: Config, device: torch.device) -> tuple[nn.
 
     Its number of classes must equal the student's (a ConfigError naming the file otherwise).
     """
-    state, config = load_trained(path, "'distill.teacher': checkpoint")
+    trained = TrainedStage.load(path, "'distill.teacher': checkpoint")
+    config = trained.config
     if config.num_classes != student.num_classes:
         raise ConfigError(
             f"'distill.teacher': {path} predicts {config.num_classes} classes ({', '.join(config.class_names)}), "
             f"the student {student.num_classes} ({', '.join(student.class_names)}); the teacher needs the same classes"
         )
-    with torch.random.fork_rng(devices=[]):  # building the teacher leaves the student's random stream as it was
-        teacher = build_model(config)
-    teacher.load_state_dict(state["model"])
+    teacher = trained.network()  # (leaves the student's random stream as it was)
     teacher.requires_grad_(False)
-    return prepare_for_inference(teacher, device, config.model.channels_last), config
+    return prepare_for_inference(teacher, device, trained.channels_last), config
 
 
 class DistillationTrainer(Trainer):

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flareseg.checkpoint import CheckpointError, check_weights, load_checkpoint
 from flareseg.config import Config, to_plain
-from flareseg.engine.checkpoint import CheckpointError, check_weights, load_checkpoint
 
 TRAINING_STATE = ("model", "optimizer", "scaler", "epoch", "best_val_dice_mean", "elapsed_seconds", "rng_cpu")
 FRESH_START = "use a new train.out, or set train.resume=false to start over in this folder"

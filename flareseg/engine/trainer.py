@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from flareseg.checkpoint import BEST, LATEST, load_pretrained, save_checkpoint, unwrap
 from flareseg.config import Config, ConfigError, save_config, to_plain
 from flareseg.data.patches import sliding_window
 from flareseg.data.prepared import PreparedData
 from flareseg.data.training_sets import TrainingSamples, ValidationSamples
-from flareseg.engine.checkpoint import BEST, LATEST, load_pretrained, save_checkpoint, unwrap
 from flareseg.engine.distributed import (
     DistributedContext,
     any_process,

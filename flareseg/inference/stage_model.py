@@ -10,7 +10,6 @@ import torch
 from flareseg.data.intensity import window_and_zscore
 from flareseg.data.patches import sliding_window
 from flareseg.data.resample import resize_image, size_for_spacing
-from flareseg.engine.checkpoint import load_trained
 from flareseg.inference.backends import (
     OpenVinoRunner,
     choose_backend,
@@ -18,7 +17,7 @@ from flareseg.inference.backends import (
     classes_from_logits,
     torch_runner,
 )
-from flareseg.models import build_model
+from flareseg.stage import TrainedStage
 
 
 class StageModel:
@@ -42,14 +41,12 @@ class StageModel:
         threads: int | None = None,
     ):
         path = Path(checkpoint)
-        state, self.config = load_trained(path)
-        self.path = path
-        self.model = build_model(self.config)
-        self.model.load_state_dict(state["model"])
-        self.model.eval().to(device)
+        trained = TrainedStage.load(path)
+        self.path, self.config = path, trained.config
+        self.model = trained.network().to(device)
         self.device, self.overlap = device, overlap
-        self.input_size = tuple(self.config.model.input_size)
-        self.spacing = getattr(self.config.prepare, self.config.train.stage).spacing  # None: fixed size
+        self.input_size = trained.input_size
+        self.spacing = trained.grid.spacing  # None: a fixed size
         # a fixed-size stage runs its grid in one pass and needs only class indices; sliding windows blend logits
         output = "classes" if self.spacing is None else "logits"
         self.backend = choose_backend(backend, device, precision)
@@ -57,17 +54,15 @@ class StageModel:
         if self.backend == "openvino":
             self._forward = OpenVinoRunner(self.model, path, self.input_size, threads, self.precision, output)
         else:
-            channels_last = self.config.model.channels_last
-            if channels_last:
+            if trained.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last_3d)
-            self._forward = torch_runner(self.model, device, self.precision, channels_last, output)
-        self.window = self.config.data.hu_window
-        self.groups = self.config.class_label_groups
-        self.labels = self.config.class_names  # one name per network class
-        self.label_names = list(self.config.data.labels)  # names of the output label ids 1..N
-        self.region_ids = torch.tensor([0] + [group[0] for group in self.groups], dtype=torch.uint8, device=device)
-        written = [group[0] if len(group) == 1 else 0 for group in self.groups]
-        self.class_ids = torch.tensor([0, *written], dtype=torch.uint8, device=device)
+            self._forward = torch_runner(self.model, device, self.precision, trained.channels_last, output)
+        self.window = trained.hu_window
+        self.groups = trained.class_groups
+        self.labels = trained.class_names  # one name per network class
+        self.label_names = trained.label_names  # names of the output label ids 1..N
+        self.region_ids = torch.tensor([0, *trained.region_ids], dtype=torch.uint8, device=device)
+        self.class_ids = torch.tensor([0, *trained.written_ids], dtype=torch.uint8, device=device)
 
     def grid_size(self, shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[int, int, int]:
         """The voxel grid the network sees for a volume of `shape` voxels of `spacing` mm."""

@@ -148,28 +148,6 @@ class LoadReport:
         return "; ".join(lines)
 
 
-def load_trained(path: str | os.PathLike, what: str = "checkpoint"):
-    """The state and the resolved, validated config of a trained flareseg checkpoint (a clear error otherwise)."""
-    from flareseg.config import Config
-    from flareseg.config.loader import build_config
-    from flareseg.models import build_model
-
-    path = Path(path)
-    state = load_checkpoint(path, what)
-    if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{what} {path} is not a flareseg checkpoint (it needs 'model' and 'config')")
-    try:
-        config = build_config(Config, state["config"], path.parent).validate()
-    except ConfigError as error:
-        raise CheckpointError(f"{what} {path} holds a config this flareseg cannot use: {error}") from None
-    # the weights must be those of the network its config describes (built on the meta device: no memory, no
-    # time), so that callers can load them without a second check
-    with torch.device("meta"):
-        network = build_model(config)
-    check_weights(network, state["model"], f"{what} {path} (model.name {config.model.name})")
-    return state, config
-
-
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Fine-tuning start: copy every tensor whose name and shape match; report the rest.
 
