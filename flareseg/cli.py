@@ -414,14 +414,22 @@ def _run_summary(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     import torch
 
+    from flareseg.checkpoint import load_checkpoint, load_weights
     from flareseg.config import save_config
     from flareseg.models import build_model
-    from flareseg.models.export import export_onnx, export_torchscript, load_weights
+    from flareseg.models.export import export_onnx, export_torchscript
+    from flareseg.stage import TrainedStage
 
     config = load_config(args.config, args.overrides)
     model = build_model(config).eval()
     if args.weights is not None:
-        load_weights(model, args.weights)
+        what = "'--weights': checkpoint"
+        state = load_checkpoint(args.weights, what)
+        if isinstance(state.get("config"), dict):  # a flareseg checkpoint: its own network, input size and config
+            stage = TrainedStage.from_state(args.weights, state, what)
+            config, model = stage.config, stage.network()
+        else:  # a state dict, or a checkpoint of weights only: into the network the config describes
+            load_weights(model, state.get("model", state), f"{what} {args.weights}")
     example = torch.randn(1, config.model.in_channels, *config.model.input_size)
     save_config(config, args.out)
     for kind in args.format:

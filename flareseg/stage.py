@@ -45,11 +45,16 @@ class TrainedStage:
     @classmethod
     def load(cls, path: str | os.PathLike, what: str = "checkpoint") -> TrainedStage:
         """A trained flareseg checkpoint, or a one-line CheckpointError naming `what` and the file."""
+
+        path = Path(path)
+        return cls.from_state(path, load_checkpoint(path, what), what)
+
+    @classmethod
+    def from_state(cls, path: Path, state: dict, what: str = "checkpoint") -> TrainedStage:
+        """As `load`, from a checkpoint's state already loaded from `path`."""
         from flareseg.config.loader import build_config
         from flareseg.models import build_model
 
-        path = Path(path)
-        state = load_checkpoint(path, what)
         if not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{what} {path} is not a flareseg checkpoint (it needs 'model' and 'config')")
         try:

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from flareseg.checkpoint import save_checkpoint
 from flareseg.cli import main
-from flareseg.config import load_config
+from flareseg.config import load_config, to_plain
 from flareseg.models import build_model
-from flareseg.models.export import export_onnx, export_torchscript, load_weights
+from flareseg.models.export import export_onnx, export_torchscript
 
 SMALL = ["model.channels=[4,8,8,16,16]", "model.num_classes=3", "model.input_size=[32,40,36]"]
 
@@ -59,12 +60,35 @@ def test_export_command_loads_weights_and_writes_both_formats(tmp_path, capsys):
     assert load_config(tmp_path / "out" / "config.yaml").model.channels == [4, 8, 8, 16, 16]
 
 
-def test_load_weights_rejects_mismatched_shapes(tmp_path):
-    model = build_model(load_config(None, SMALL))
+def test_export_refuses_weights_of_another_network_in_one_line(tmp_path, capsys):
     other = build_model(load_config(None, [*SMALL, "model.num_classes=5"]))
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        load_weights(model, tmp_path / "other.pt")
+    args = ["export", "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "other.pt")]
+    assert main([*args, *[a for s in SMALL for a in ("--set", s)]]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"'--weights': checkpoint {tmp_path / 'other.pt'} does not fit this network" in err[0]
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    assert main(["export", "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "notes.txt")]) == 2
+    assert "is not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_export_of_a_trained_checkpoint_follows_its_own_config(tmp_path):
+    """A flareseg checkpoint is exported as the stage it is (flareseg.stage.TrainedStage): its network, input size
+    and config, whatever the command line's config says."""
+    config = load_config(None, SMALL)  # not the defaults the command line would build: 16..256 wide, 192^3
+    trained = build_model(config)
+    save_checkpoint(tmp_path / "stage.pt", {"model": trained.state_dict(), "config": to_plain(config)})
+    assert (
+        main(
+            ["export", "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "stage.pt"), "--format", "torchscript"]
+        )
+        == 0
+    )
+    x = torch.randn(1, 1, 32, 40, 36)
+    with torch.no_grad():
+        expected = trained.eval()(x)
+    assert torch.allclose(torch.jit.load(str(tmp_path / "out" / "efficient_segnet.pt"))(x), expected, atol=1e-5)
+    assert list(load_config(tmp_path / "out" / "config.yaml").model.input_size) == [32, 40, 36]
 
 
 def test_summary_reports_parameters_cost_time_and_memory(capsys):

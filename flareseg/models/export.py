@@ -90,11 +90,3 @@ def _exporter_output() -> Iterator[io.StringIO]:
     finally:
         for logger, (handlers, propagate) in zip(loggers, saved):
             logger.handlers, logger.propagate = handlers, propagate
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state dict, or a checkpoint holding one under "model", strictly (shapes and names must match)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    model.load_state_dict(state, strict=True)
