@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from flareseg.atomic import atomic_write_text
+from flareseg.checkpoint import BEST
 from flareseg.config import Config, load_config
 from flareseg.evaluation import get_preset
 
@@ -267,8 +268,8 @@ def train_stage(
 def write_predict_config(out: Path) -> Path:
     """out/predict.yaml: the demo's networks as a ready predict config (`sh predict.sh IN OUT DIR/predict.yaml`)."""
     predict = {
-        "coarse": str((out / "coarse" / "checkpoint_best.pt").resolve()),
-        "fine": str((out / "fine" / "checkpoint_best.pt").resolve()),
+        "coarse": str((out / "coarse" / BEST).resolve()),
+        "fine": str((out / "fine" / BEST).resolve()),
         "keep_components_per_label": {2: 2},  # the merged kidney label has two components
     }
     header = "# The demo's trained networks (phantoms only: not for real scans): sh predict.sh IN OUT this-file\n"
