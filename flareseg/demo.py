@@ -198,20 +198,13 @@ def prepare(out: Path, settings: DemoSettings, progress: bool = True):
     """
     from flareseg.data.prepare import FAILURES_FILE, prepare_dataset
 
-    config = load_config(
-        None,
-        [
-            _labels(),
-            f"prepare.label_map={LABEL_MAP}",  # a Python dict prints as a YAML flow mapping
-            f"prepare.coarse.size={[settings.coarse_size] * 3}",
-            f"prepare.fine.size={[settings.fine_size] * 3}",
-            f"prepare.images={out / 'phantoms' / 'imagesTr'}",
-            f"prepare.labels={out / 'phantoms' / 'labelsTr'}",
-            f"prepare.out={out / 'prepared'}",
-            "prepare.folds=5",
-            "prepare.overwrite=true",
-        ],
-    )
+    config = _demo_config()
+    prepare = config.prepare
+    prepare.label_map = dict(LABEL_MAP)
+    prepare.coarse.size, prepare.fine.size = (settings.coarse_size,) * 3, (settings.fine_size,) * 3
+    prepare.images, prepare.labels = out / "phantoms" / "imagesTr", out / "phantoms" / "labelsTr"
+    prepare.out, prepare.folds, prepare.overwrite = out / "prepared", 5, True
+    config.validate()
     summary = prepare_dataset(config, progress=progress)
     if not summary.ok:
         raise RuntimeError(f"prepare failed for {len(summary.failed)} phantoms: see {summary.out_dir / FAILURES_FILE}")
@@ -220,38 +213,25 @@ def prepare(out: Path, settings: DemoSettings, progress: bool = True):
 
 def stage_config(out: Path, stage: str, settings: DemoSettings, budget_seconds: float, progress: bool) -> Config:
     """The training config of one stage: the learning test's recipe (tests/test_training.py), with a time budget."""
+    config = _demo_config()
+    model, train = config.model, config.train
     if stage == "coarse":
-        model = ["model.name=base_unet", f"model.channels={list(settings.coarse_channels)}"]
-        size = settings.coarse_size
+        model.name, model.channels, size = "base_unet", list(settings.coarse_channels), settings.coarse_size
     else:
-        model = ["model.name=efficient_segnet", f"model.channels={list(settings.fine_channels)}"]
-        size = settings.fine_size
-    return load_config(
-        None,
-        [
-            _labels(),
-            *model,
-            f"model.input_size={[size] * 3}",
-            "model.dropout=0",
-            f"train.stage={stage}",
-            f"train.data={out / 'prepared'}",
-            f"train.out={out / stage}",
-            "train.fold=0",
-            "train.epochs=1000",  # a cap, not reached on a CPU: the time budget ends training
-            f"train.time_budget_minutes={budget_seconds / 60.0}",
-            f"train.batch_size={settings.batch_size}",
-            f"train.iterations_per_epoch={settings.steps_per_epoch}",
-            f"train.lr={settings.lr}",
-            "train.schedule=constant",
-            f"train.val_every={settings.val_every}",
-            "train.workers=0",  # compute-bound at these sizes: loader processes would only take cores away
-            "train.resume=false",  # a rerun trains afresh, so that every run shows what its own budget learns
-            # The phantoms' organs have one HU each, the same in training and test cases; the default +-200 HU
-            # per-organ shift (for real scans' contrast phases) costs more learning time than the demo has.
-            "train.augment.organ_hu_shift_p=0",
-            f"train.progress={str(progress).lower()}",
-        ],
-    )
+        model.name, model.channels, size = "efficient_segnet", list(settings.fine_channels), settings.fine_size
+    model.input_size, model.dropout = (size,) * 3, 0.0
+    train.stage, train.data, train.out, train.fold = stage, out / "prepared", out / stage, 0
+    train.epochs = 1000  # a cap, not reached on a CPU: the time budget ends training
+    train.time_budget_minutes = budget_seconds / 60.0
+    train.batch_size, train.iterations_per_epoch = settings.batch_size, settings.steps_per_epoch
+    train.lr, train.schedule, train.val_every = settings.lr, "constant", settings.val_every
+    train.workers = 0  # compute-bound at these sizes: loader processes would only take cores away
+    train.resume = False  # a rerun trains afresh, so that every run shows what its own budget learns
+    # The phantoms' organs have one HU each, the same in training and test cases; the default +-200 HU per-organ
+    # shift (for real scans' contrast phases) costs more learning time than the demo has.
+    train.augment.organ_hu_shift_p = 0.0
+    train.progress = progress
+    return config.validate()
 
 
 def train_stage(
@@ -509,8 +489,11 @@ def _settings_rows(settings: DemoSettings, minutes: float, device: str) -> list[
     return [*asdict(settings).items(), ("minutes", minutes), ("device", device)]
 
 
-def _labels() -> str:
-    return f"data.labels=[{', '.join(ORGANS)}]"
+def _demo_config() -> Config:
+    """The defaults with the demo's organs as data.labels (the callers set the rest, then validate)."""
+    config = Config()
+    config.data.labels = list(ORGANS)
+    return config
 
 
 def _scores_csv(out: Path) -> Path:
