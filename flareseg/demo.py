@@ -315,14 +315,38 @@ def write_report(
     total_seconds: float,
 ) -> Path:
     """out/report.md: scores, per-case time and memory, training, overlays, phase times, settings."""
-    import torch
-
-    from flareseg.io import read_image
-
     scores = _read_scores(_scores_csv(out))
     cases = sorted({row["case"] for row in scores})
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "CPU"
     lines = [
+        *_report_scores(out, settings, minutes, device, summary, len(cases), total_seconds),
+        *_report_cases(out, scores, cases, timing_rows, phases),
+        *_report_training(out, settings, histories),
+        "## Overlays",
+        "",
+        "Prediction solid, ground truth dashed (also `predictions/<case>.nii.gz`, on the input's exact grid).",
+        "",
+        *(f"![{case}](overlays/{case}.png)" for case in cases),
+        "",
+        "## Wall time per phase",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *(f"| {phase} | {seconds:.1f} |" for phase, seconds in phases.items()),
+        f"| **total** | **{total_seconds:.1f}** |",
+        "",
+        *_report_settings(out, settings, minutes, device),
+    ]
+    return atomic_write_text(out / REPORT, "\n".join(lines))
+
+
+def _report_scores(
+    out: Path, settings: DemoSettings, minutes: float, device: str, summary: dict, cases: int, total_seconds: float
+) -> list[str]:
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "CPU"
+    tolerance = {target.name: target.tolerance_mm for target in PRESET.targets}
+    return [
         "# flareseg demo",
         "",
         f"`flareseg demo --out {out} --minutes {minutes:g}`, {datetime.now():%Y-%m-%d %H:%M}, on {where} "
@@ -330,23 +354,31 @@ def write_report(
         "",
         f"{settings.train_cases} synthetic CT phantoms trained a coarse BaseUNet ({settings.coarse_size}^3, whole "
         f"volume) and a fine EfficientSegNet ({settings.fine_size}^3, organ box); the predictor then segmented "
-        f"{len(cases)} held-out phantoms. Organs: {', '.join(ORGANS)} (left and right kidney as one label).",
+        f"{cases} held-out phantoms. Organs: {', '.join(ORGANS)} (left and right kidney as one label).",
         "",
         f"## Held-out phantoms: mean DSC {summary['mean']['dsc']:.4f}",
         "",
         "| organ | DSC | NSD | NSD tolerance |",
         "|---|---|---|---|",
-    ]
-    tolerance = {target.name: target.tolerance_mm for target in PRESET.targets}
-    for organ, entry in summary["organs"].items():
-        lines.append(f"| {organ} | {entry['dsc']:.4f} | {entry['nsd']:.4f} | {tolerance[organ]:g} mm |")
-    lines += [
+        *(
+            f"| {organ} | {entry['dsc']:.4f} | {entry['nsd']:.4f} | {tolerance[organ]:g} mm |"
+            for organ, entry in summary["organs"].items()
+        ),
         f"| **mean** | **{summary['mean']['dsc']:.4f}** | **{summary['mean']['nsd']:.4f}** | |",
         "",
         f"Means over the {summary['cases']} held-out cases of `evaluation/scores.csv` (per case and organ; the "
         "summary in `evaluation/scores.json`). Official FLARE21 protocol, as `flareseg evaluate --preset flare21`: "
         "NSD at 1 mm with the image spacing, strict at these phantoms' 2-4 mm voxels.",
         "",
+    ]
+
+
+def _report_cases(
+    out: Path, scores: list[dict], cases: list[str], timing_rows: list[dict], phases: dict[str, float]
+) -> list[str]:
+    from flareseg.io import read_image
+
+    lines = [
         "## Per case",
         "",
         "| case | voxels (z, y, x) | spacing mm | "
@@ -364,7 +396,8 @@ def write_report(
             f"| {case} | {' x '.join(map(str, geometry.shape))} | {' x '.join(f'{s:.2f}' for s in geometry.spacing)} "
             f"| {' | '.join(f'{dsc[organ]:.4f}' for organ in ORGANS)} | {float(row['seconds']):.2f} | {memory} |"
         )
-    lines += [
+    return [
+        *lines,
         "",
         "Predict seconds and peak resident memory of the process per case from `predictions/timing.csv` (read, "
         "coarse, box, fine, post-processing and write, each in its own column there); the memory is that of the "
@@ -372,13 +405,18 @@ def write_report(
         f"{phases['predict'] - sum(float(row['seconds']) for row in timing_rows):.1f} s outside the cases, loading "
         "the two models (and compiling them, where the inference backend does).",
         "",
+    ]
+
+
+def _report_training(out: Path, settings: DemoSettings, histories: dict[str, list[dict]]) -> list[str]:
+    networks = {"coarse": "BaseUNet", "fine": "EfficientSegNet"}
+    sizes = {"coarse": settings.coarse_size, "fine": settings.fine_size}
+    lines = [
         "## Training",
         "",
         "| stage | network | input | epochs | samples | training s | best validation Dice |",
         "|---|---|---|---|---|---|---|",
     ]
-    networks = {"coarse": "BaseUNet", "fine": "EfficientSegNet"}
-    sizes = {"coarse": settings.coarse_size, "fine": settings.fine_size}
     for stage, history in histories.items():
         samples = len(history) * settings.steps_per_epoch * settings.batch_size
         best = max((r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None), default=None)
@@ -386,27 +424,21 @@ def write_report(
             f"| {stage} | {networks[stage]} | {sizes[stage]}^3 | {len(history)} | {samples} | "
             f"{sum(r['seconds'] for r in history):.0f} | {'-' if best is None else f'{best:.4f}'} |"
         )
-    lines += [
+    validation = _validation_cases(out)
+    return [
+        *lines,
         "",
-        f"Validation: {len(_validation_cases(out))} of the {settings.train_cases} training phantoms (fold 0: "
-        f"{', '.join(_validation_cases(out))}), Dice at threshold 0.5 on the prepared grid; the predictor uses each "
+        f"Validation: {len(validation)} of the {settings.train_cases} training phantoms (fold 0: "
+        f"{', '.join(validation)}), Dice at threshold 0.5 on the prepared grid; the predictor uses each "
         "stage's best checkpoint.",
         "",
         *(f"![{stage} training curve]({stage}/training_curve.png)" for stage in histories),
         "",
-        "## Overlays",
-        "",
-        "Prediction solid, ground truth dashed (also `predictions/<case>.nii.gz`, on the input's exact grid).",
-        "",
-        *(f"![{case}](overlays/{case}.png)" for case in cases),
-        "",
-        "## Wall time per phase",
-        "",
-        "| phase | seconds |",
-        "|---|---|",
-        *(f"| {phase} | {seconds:.1f} |" for phase, seconds in phases.items()),
-        f"| **total** | **{total_seconds:.1f}** |",
-        "",
+    ]
+
+
+def _report_settings(out: Path, settings: DemoSettings, minutes: float, device: str) -> list[str]:
+    return [
         "## Settings",
         "",
         "| setting | value |",
@@ -421,7 +453,6 @@ def write_report(
         "they show the mechanics, not results on real scans).",
         "",
     ]
-    return atomic_write_text(out / REPORT, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------------------------
