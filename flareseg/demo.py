@@ -22,8 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,70 +31,22 @@ import yaml
 from flareseg.atomic import atomic_write_text
 from flareseg.checkpoint import BEST
 from flareseg.config import Config, load_config
-from flareseg.evaluation import get_preset
-
-ORGANS = ("liver", "kidney", "spleen", "pancreas")  # FLARE21's four, as its EfficientSegmentation segments them
-# Phantom labels are numbered as in FLARE22; FLARE21 merges the right (2) and left (13) kidney into one label.
-LABEL_MAP = {1: 1, 2: 2, 13: 2, 3: 3, 4: 4}
-# The official FLARE21 protocol (`flareseg evaluate --preset flare21` gives the same numbers): it reads the ground
-# truth in FLARE22 numbering as it is (2 and 13 are the kidney) and takes NSD at 1 mm.
-PRESET = get_preset("flare21")
-MARKER = "demo.json"
-REPORT = "report.md"
-PREDICT_CONFIG = "predict.yaml"  # the trained networks as a config for `sh predict.sh`
-MIN_STAGE_SECONDS = 0.0  # a budget of 0 still trains (and validates) one epoch
-
-
-class DemoError(Exception):
-    """A demo that cannot start: a negative budget, or an output folder that is not the demo's."""
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """What the demo builds and trains; the defaults learn on 2 CPU cores in the default 10 minutes."""
-
-    train_cases: int = 10  # labeled phantoms to train on; fold 0 of a 5-fold split keeps 2 of them to validate
-    test_cases: int = 3  # held-out phantoms: predicted, evaluated, shown
-    shape: tuple[int, int, int] = (64, 160, 160)  # phantom voxels (z, y, x) before the random axis order
-    seed: int = 0
-    coarse_size: int = 32  # coarse grid and network input (voxels per axis)
-    fine_size: int = 48  # fine grid and network input
-    coarse_channels: tuple[int, ...] = (8, 16, 32, 64)  # BaseUNet widths
-    fine_channels: tuple[int, ...] = (8, 16, 32, 64, 64)  # EfficientSegNet widths
-    batch_size: int = 2  # torch's CPU conv3d runs these shapes 2x faster per step at batch 2 than at batch 1
-    steps_per_epoch: int = 8  # short epochs: the time budget is checked after each
-    lr: float = 0.01  # Adam, constant: the budget, not an epoch count, ends training
-    coarse_share: float = 0.35  # of the training time; the fine network is slower per step and matters more
-    reserve_seconds: float = 60.0  # kept from training for prediction, evaluation and the report
-    val_every: int = 10  # epochs between validations (the last epoch always validates)
-
-
-# Tiny phantoms and networks: seconds per phase, for smoke runs (tests, bench --tiny); the real defaults are above.
-SMOKE_SETTINGS = DemoSettings(
-    train_cases=5,
-    test_cases=2,
-    shape=(28, 48, 48),
-    coarse_size=24,
-    fine_size=32,
-    coarse_channels=(4, 8, 8, 16),
-    fine_channels=(4, 8, 8, 16, 16),
-    steps_per_epoch=2,
-    reserve_seconds=0.0,
+from flareseg.demo_report import write_report
+from flareseg.demo_settings import (
+    LABEL_MAP,
+    MARKER,
+    MIN_STAGE_SECONDS,
+    ORGANS,
+    PREDICT_CONFIG,
+    PRESET,
+    SMOKE_SETTINGS,
+    DemoError,
+    DemoResult,
+    DemoSettings,
+    scores_csv,
 )
 
-
-@dataclass
-class DemoResult:
-    """What a demo run produced: the evaluation summary (flareseg.evaluation), phase times and the report."""
-
-    out: Path
-    summary: dict
-    phases: dict[str, float]
-    report: Path
-
-    @property
-    def mean_dsc(self) -> float:
-        return self.summary["mean"]["dsc"]
+__all__ = ["ORGANS", "PRESET", "SMOKE_SETTINGS", "DemoError", "DemoResult", "DemoSettings", "run_demo"]
 
 
 def run_demo(
@@ -274,7 +225,7 @@ def evaluate(out: Path) -> dict:
     from flareseg.evaluation import evaluate_folder
 
     _, summary = evaluate_folder(
-        out / "phantoms" / "labelsTs", out / "predictions", preset=PRESET, workers=2, out=_scores_csv(out)
+        out / "phantoms" / "labelsTs", out / "predictions", preset=PRESET, workers=2, out=scores_csv(out)
     )
     if summary["failures"] or summary["missing_predictions"]:
         raise RuntimeError(f"evaluation incomplete: {summary['failures'] or summary['missing_predictions']}")
@@ -301,158 +252,6 @@ def draw_overlays(out: Path, case_ids: list[str]) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------------------------
 # The report
-
-
-def write_report(
-    out: Path,
-    settings: DemoSettings,
-    minutes: float,
-    device: str,
-    summary: dict,
-    histories: dict[str, list[dict]],
-    timing_rows: list[dict],
-    phases: dict[str, float],
-    total_seconds: float,
-) -> Path:
-    """out/report.md: scores, per-case time and memory, training, overlays, phase times, settings."""
-    scores = _read_scores(_scores_csv(out))
-    cases = sorted({row["case"] for row in scores})
-    lines = [
-        *_report_scores(out, settings, minutes, device, summary, len(cases), total_seconds),
-        *_report_cases(out, scores, cases, timing_rows, phases),
-        *_report_training(out, settings, histories),
-        "## Overlays",
-        "",
-        "Prediction solid, ground truth dashed (also `predictions/<case>.nii.gz`, on the input's exact grid).",
-        "",
-        *(f"![{case}](overlays/{case}.png)" for case in cases),
-        "",
-        "## Wall time per phase",
-        "",
-        "| phase | seconds |",
-        "|---|---|",
-        *(f"| {phase} | {seconds:.1f} |" for phase, seconds in phases.items()),
-        f"| **total** | **{total_seconds:.1f}** |",
-        "",
-        *_report_settings(out, settings, minutes, device),
-    ]
-    return atomic_write_text(out / REPORT, "\n".join(lines))
-
-
-def _report_scores(
-    out: Path, settings: DemoSettings, minutes: float, device: str, summary: dict, cases: int, total_seconds: float
-) -> list[str]:
-    import torch
-
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "CPU"
-    tolerance = {target.name: target.tolerance_mm for target in PRESET.targets}
-    return [
-        "# flareseg demo",
-        "",
-        f"`flareseg demo --out {out} --minutes {minutes:g}`, {datetime.now():%Y-%m-%d %H:%M}, on {where} "
-        f"({os.cpu_count()} CPU cores visible): {total_seconds / 60:.1f} min in all.",
-        "",
-        f"{settings.train_cases} synthetic CT phantoms trained a coarse BaseUNet ({settings.coarse_size}^3, whole "
-        f"volume) and a fine EfficientSegNet ({settings.fine_size}^3, organ box); the predictor then segmented "
-        f"{cases} held-out phantoms. Organs: {', '.join(ORGANS)} (left and right kidney as one label).",
-        "",
-        f"## Held-out phantoms: mean DSC {summary['mean']['dsc']:.4f}",
-        "",
-        "| organ | DSC | NSD | NSD tolerance |",
-        "|---|---|---|---|",
-        *(
-            f"| {organ} | {entry['dsc']:.4f} | {entry['nsd']:.4f} | {tolerance[organ]:g} mm |"
-            for organ, entry in summary["organs"].items()
-        ),
-        f"| **mean** | **{summary['mean']['dsc']:.4f}** | **{summary['mean']['nsd']:.4f}** | |",
-        "",
-        f"Means over the {summary['cases']} held-out cases of `evaluation/scores.csv` (per case and organ; the "
-        "summary in `evaluation/scores.json`). Official FLARE21 protocol, as `flareseg evaluate --preset flare21`: "
-        "NSD at 1 mm with the image spacing, strict at these phantoms' 2-4 mm voxels.",
-        "",
-    ]
-
-
-def _report_cases(
-    out: Path, scores: list[dict], cases: list[str], timing_rows: list[dict], phases: dict[str, float]
-) -> list[str]:
-    from flareseg.io import read_image
-
-    lines = [
-        "## Per case",
-        "",
-        "| case | voxels (z, y, x) | spacing mm | "
-        + " | ".join(f"DSC {organ}" for organ in ORGANS)
-        + " | predict s | peak memory MB |",
-        "|---|---|---|" + "---|" * len(ORGANS) + "---|---|",
-    ]
-    timing = {row["case"]: row for row in timing_rows}
-    for case in cases:
-        _, geometry = read_image(out / "predictions" / f"{case}.nii.gz")
-        dsc = {row["organ"]: row["dsc"] for row in scores if row["case"] == case}
-        row = timing[case]
-        memory = row["peak_rss_mb"] + (f" (GPU {row['peak_gpu_mb']})" if row.get("peak_gpu_mb") else "")
-        lines.append(
-            f"| {case} | {' x '.join(map(str, geometry.shape))} | {' x '.join(f'{s:.2f}' for s in geometry.spacing)} "
-            f"| {' | '.join(f'{dsc[organ]:.4f}' for organ in ORGANS)} | {float(row['seconds']):.2f} | {memory} |"
-        )
-    return [
-        *lines,
-        "",
-        "Predict seconds and peak resident memory of the process per case from `predictions/timing.csv` (read, "
-        "coarse, box, fine, post-processing and write, each in its own column there); the memory is that of the "
-        "demo's process, which also trained the networks. The predict phase below also spent "
-        f"{phases['predict'] - sum(float(row['seconds']) for row in timing_rows):.1f} s outside the cases, loading "
-        "the two models (and compiling them, where the inference backend does).",
-        "",
-    ]
-
-
-def _report_training(out: Path, settings: DemoSettings, histories: dict[str, list[dict]]) -> list[str]:
-    networks = {"coarse": "BaseUNet", "fine": "EfficientSegNet"}
-    sizes = {"coarse": settings.coarse_size, "fine": settings.fine_size}
-    lines = [
-        "## Training",
-        "",
-        "| stage | network | input | epochs | samples | training s | best validation Dice |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for stage, history in histories.items():
-        samples = len(history) * settings.steps_per_epoch * settings.batch_size
-        best = max((r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None), default=None)
-        lines.append(
-            f"| {stage} | {networks[stage]} | {sizes[stage]}^3 | {len(history)} | {samples} | "
-            f"{sum(r['seconds'] for r in history):.0f} | {'-' if best is None else f'{best:.4f}'} |"
-        )
-    validation = _validation_cases(out)
-    return [
-        *lines,
-        "",
-        f"Validation: {len(validation)} of the {settings.train_cases} training phantoms (fold 0: "
-        f"{', '.join(validation)}), Dice at threshold 0.5 on the prepared grid; the predictor uses each "
-        "stage's best checkpoint.",
-        "",
-        *(f"![{stage} training curve]({stage}/training_curve.png)" for stage in histories),
-        "",
-    ]
-
-
-def _report_settings(out: Path, settings: DemoSettings, minutes: float, device: str) -> list[str]:
-    return [
-        "## Settings",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| `{key}` | {value} |" for key, value in _settings_rows(settings, minutes, device)),
-        "",
-        f"Fixed: the phantom labels mapped by `prepare.label_map` {LABEL_MAP} (both kidneys one label), fold 0 of "
-        "a 5-fold split, Adam at a constant learning rate, no dropout, no per-organ HU shift augmentation, "
-        "`train.workers=0`. Each stage's full resolved config is in `coarse/config.yaml` and `fine/config.yaml`; "
-        "prepare's in `prepared/config.yaml`, the predictor's in `predictions/config.yaml`. To segment other images "
-        f"with these networks: `sh predict.sh INPUT_DIR OUTPUT_DIR {out / PREDICT_CONFIG}` (trained on phantoms: "
-        "they show the mechanics, not results on real scans).",
-        "",
-    ]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -510,30 +309,11 @@ def _prepared(out: Path, case_ids: list[str]) -> bool:
         return False
 
 
-def _validation_cases(out: Path) -> list[str]:
-    from flareseg.data.prepared import PreparedData
-
-    return PreparedData(out / "prepared").fold(0)[1]
-
-
-def _settings_rows(settings: DemoSettings, minutes: float, device: str) -> list[tuple[str, object]]:
-    return [*asdict(settings).items(), ("minutes", minutes), ("device", device)]
-
-
 def _demo_config() -> Config:
     """The defaults with the demo's organs as data.labels (the callers set the rest, then validate)."""
     config = Config()
     config.data.labels = list(ORGANS)
     return config
-
-
-def _scores_csv(out: Path) -> Path:
-    return out / "evaluation" / "scores.csv"
-
-
-def _read_scores(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return [{**row, "dsc": float(row["dsc"]), "nsd": float(row["nsd"])} for row in csv.DictReader(handle)]
 
 
 def _training_line(history: list[dict]) -> str:
