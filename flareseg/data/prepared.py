@@ -18,7 +18,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -140,10 +140,6 @@ class PreparedData:
             raise ConfigError(f"'train.fold' is {fold}, but the index {self.index.path} holds {self.folds()} folds")
         split = self.index.meta(META_SPLITS)["splits"][fold]
         return split["train"], split["val"]
-
-    def split_meta(self) -> Any:
-        """The stored split record ({"folds", "seed", "splits"}), or None."""
-        return self.index.meta(META_SPLITS)
 
 
 class PreparedArrays(Dataset):
