@@ -27,7 +27,7 @@ from pathlib import Path
 # Only the standard library at the top: forkserver workers and the fork server import this main module, and the
 # plain forkserver variant must not get torch preloaded through it.
 VARIANTS = ("fork", "forkserver", "forkserver+preload", "spawn")
-GRID = ["prepare.coarse.size=[32,32,32]", "prepare.fine.size=[32,32,32]", "model.input_size=[32,32,32]"]
+GRID = ["prepare.grids.coarse.size=[32,32,32]", "prepare.grids.fine.size=[32,32,32]", "model.input_size=[32,32,32]"]
 
 
 def main() -> int:

@@ -41,12 +41,21 @@ from flareseg.io import read_image, to_canonical, write_image
 from flareseg.memory import _proc_status_mb, peak_cuda_mb, peak_rss_mb, reset_peak_memory
 from flareseg.models import build_model
 
-NETWORKS = {
-    "coarse": ["model.name=base_unet", "model.channels=[8,16,32,64,128]", "model.input_size=[160,160,160]"],
-    "fine": ["model.name=efficient_segnet", "model.channels=[16,32,64,128,256]", "model.input_size=[192,192,192]"],
+NETWORKS = {  # the FLARE21 pair, each trained (here: random weights) on its default prepared grid
+    "coarse": [
+        "train.stage=coarse",
+        "model.name=base_unet",
+        "model.channels=[8,16,32,64,128]",
+        "model.input_size=[160,160,160]",
+    ],
+    "fine": [
+        "train.stage=fine",
+        "model.name=efficient_segnet",
+        "model.channels=[16,32,64,128,256]",
+        "model.input_size=[192,192,192]",
+    ],
 }
 TINY = {"coarse": ["model.input_size=[32,32,32]"], "fine": ["model.input_size=[32,32,32]"]}
-STEPS = ("read", "coarse", "box", "fine", "postprocess", "write")
 
 
 def main() -> None:
@@ -127,6 +136,7 @@ def measure(overrides: list[str], image: str, label: str | None, tmp: str, repea
     backends = sorted({f"{stage.backend} {stage.precision}" for stage in [predictor.roi, *predictor.segmenters]})
     return {
         "runs": runs,
+        "steps": list(predictor.steps.all),
         "device": str(predictor.device),
         "backends": backends,
         "threads": torch.get_num_threads(),
@@ -164,7 +174,7 @@ def use_phantom_outputs(predictor, label_path: str) -> None:
 
 
 def report(result: dict, args, outputs: str, repeats: int) -> None:
-    runs, median = result["runs"], statistics.median
+    runs, median, steps_run = result["runs"], statistics.median, result["steps"]
     print(
         f"{args.image or 'a phantom of ' + result['shape']}; device {result['device']}, "
         f"{', '.join(result['backends'])}; {result['threads']} threads; later steps see {outputs} outputs; "
@@ -172,15 +182,15 @@ def report(result: dict, args, outputs: str, repeats: int) -> None:
     )
     print(
         "| total s | "
-        + " | ".join(f"{step} s" for step in STEPS)
+        + " | ".join(f"{step} s" for step in steps_run)
         + " | case peak RSS MB | process peak RSS MB | GPU MB |"
     )
-    print("|---" * (len(STEPS) + 4) + "|")
-    steps = {step: median(run["steps"].get(step, 0.0) for run in runs) for step in STEPS}
+    print("|---" * (len(steps_run) + 4) + "|")
+    steps = {step: median(run["steps"].get(step, 0.0) for run in runs) for step in steps_run}
     gpu = median(run["gpu"] for run in runs) if runs[0]["gpu"] is not None else None
     print(
         f"| {median(run['total'] for run in runs):.2f} | "
-        + " | ".join(f"{steps[s]:.2f}" for s in STEPS)
+        + " | ".join(f"{steps[s]:.2f}" for s in steps_run)
         + f" | {median(run['rss'] for run in runs):.0f} | {result['process_peak']:.0f} |"
         + f" {'-' if gpu is None else f'{gpu:.0f}'} |"
     )

@@ -40,7 +40,9 @@ def main() -> None:
             f"{args.cases} phantoms of {args.shape[2]}x{args.shape[1]}x{args.shape[0]} voxels written in "
             f"{time.perf_counter() - start:.1f} s (not timed below)"
         )
-        sizes = [] if not args.tiny else ["prepare.coarse.size=[16, 16, 16]", "prepare.fine.size=[16, 16, 16]"]
+        sizes = (
+            [] if not args.tiny else ["prepare.grids.coarse.size=[16, 16, 16]", "prepare.grids.fine.size=[16, 16, 16]"]
+        )
         rows = []
         for workers in args.workers:
             rates, steps = [], {}

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small phantoms and grids: checks that the script runs")
     args = parser.parse_args()
     shape = (200, 512, 512) if not args.tiny else (32, 64, 64)
-    grids = [] if not args.tiny else ["prepare.coarse.size=[32,32,32]", "prepare.fine.size=[32,32,32]"]
+    grids = [] if not args.tiny else ["prepare.grids.coarse.size=[32,32,32]", "prepare.grids.fine.size=[32,32,32]"]
     if args.tiny:
         args.cases, args.samples, args.steps = 3, 2, 1
     device = resolve_device(args.device)

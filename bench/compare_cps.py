@@ -38,8 +38,8 @@ def prepare(root: Path, tiny: bool, labeled: int | None) -> Path:
         [
             *LABELS,
             "prepare.folds=2",
-            "prepare.coarse.size=[32,32,32]",
-            "prepare.fine.size=[32,32,32]",
+            "prepare.grids.coarse.size=[32,32,32]",
+            "prepare.grids.fine.size=[32,32,32]",
             f"prepare.images={raw / 'imagesTr'}",
             f"prepare.labels={raw / 'labelsTr'}",
             f"prepare.unlabeled={raw / 'unlabeled'}",

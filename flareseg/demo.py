@@ -152,7 +152,7 @@ def prepare(out: Path, settings: DemoSettings, progress: bool = True):
     config = _demo_config()
     prepare = config.prepare
     prepare.label_map = dict(LABEL_MAP)
-    prepare.coarse.size, prepare.fine.size = (settings.coarse_size,) * 3, (settings.fine_size,) * 3
+    prepare.grids["coarse"].size, prepare.grids["fine"].size = (settings.coarse_size,) * 3, (settings.fine_size,) * 3
     prepare.images, prepare.labels = out / "phantoms" / "imagesTr", out / "phantoms" / "labelsTr"
     prepare.out, prepare.folds, prepare.overwrite = out / "prepared", 5, True
     config.validate()

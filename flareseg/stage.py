@@ -17,21 +17,7 @@ from torch import nn
 
 from flareseg.checkpoint import CheckpointError, check_weights, load_checkpoint
 from flareseg.config import Config, ConfigError
-
-
-@dataclass(frozen=True)
-class StageGrid:
-    """How a stage's arrays are made: resized to a fixed `size`, or resampled to a fixed `spacing` (mm, z y x);
-    the fine stage also has the margin grown around the label box."""
-
-    size: tuple[int, ...] | None
-    spacing: tuple[float, ...] | None
-    margin_mm: float | None = None
-
-    @property
-    def fixed_spacing(self) -> bool:
-        """Whether volumes are resampled to a spacing and tiled (else resized to `size` and run in one pass)."""
-        return self.spacing is not None
+from flareseg.config.schema import GridConfig
 
 
 @dataclass(frozen=True)
@@ -59,6 +45,7 @@ class TrainedStage:
             raise CheckpointError(f"{what} {path} is not a flareseg checkpoint (it needs 'model' and 'config')")
         try:
             config = build_config(Config, state["config"], path.parent).validate()
+            config.grid(config.train.stage)  # the grid it learned on travels with it
         except ConfigError as error:
             raise CheckpointError(f"{what} {path} holds a config this flareseg cannot use: {error}") from None
         # the weights must be those of the network its config describes (built on the meta device: no memory, no
@@ -70,15 +57,13 @@ class TrainedStage:
 
     @property
     def name(self) -> str:
-        """The stage it was trained as (train.stage: the prepared grid it learned on)."""
+        """The stage it was trained as (train.stage: the name of the prepared grid it learned on)."""
         return self.config.train.stage
 
     @property
-    def grid(self) -> StageGrid:
-        stored = getattr(self.config.prepare, self.name)
-        size = None if stored.size is None else tuple(stored.size)
-        spacing = None if stored.spacing is None else tuple(stored.spacing)
-        return StageGrid(size, spacing, getattr(stored, "margin_mm", None))
+    def grid(self) -> GridConfig:
+        """The prepared grid it learned on: its region (whole volume or label box), fixed size or fixed spacing."""
+        return self.config.grid(self.name)
 
     @property
     def input_size(self) -> tuple[int, ...]:

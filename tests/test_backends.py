@@ -26,7 +26,13 @@ CPU = torch.device("cpu")
 
 def _checkpoint(tmp_path, name="fine"):
     config = load_config(
-        None, ["data.labels=[liver, kidney, spleen]", "model.channels=[4,8,8,16,16]", "model.input_size=[32,32,32]"]
+        None,
+        [
+            "data.labels=[liver, kidney, spleen]",
+            "model.channels=[4,8,8,16,16]",
+            "model.input_size=[32,32,32]",
+            f"train.stage={name}",
+        ],
     )
     torch.manual_seed(3)
     return save_checkpoint(

@@ -21,7 +21,11 @@ from tests.tiny import prepare_tiny, train_tiny
 
 # liver, merged kidneys, spleen and lesions as ids 1..4
 CASCADE_LABELS = ["data.labels=[liver, kidney, spleen, lesion]", "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3, 14: 4}"]
-FINE_SPACING = "prepare.fine.spacing=[6.0, 6.0, 6.0]"
+# the FLARE23 stages by name: a ROI on the whole volume, organs and lesions in label boxes at a fixed spacing
+NAMED_GRIDS = (
+    "prepare.grids={roi: {region: volume, size: [24, 24, 24]}, organs: {region: labels, spacing: [6, 6, 6]},"
+    " lesion: {region: labels, spacing: [6, 6, 6], margin_mm: 10}}"
+)
 
 
 # ---------------------------------------------------------------- patches and sliding windows
@@ -89,12 +93,12 @@ def test_label_groups_set_the_classes_and_are_checked():
 
 @pytest.fixture(scope="module")
 def cascade_data(tmp_path_factory):
-    """Phantoms with lesions (one annotating no lesions), prepared with a fixed-spacing fine grid."""
+    """Phantoms with lesions (one annotating no lesions), prepared on the named grids roi, organs and lesion."""
     root = tmp_path_factory.mktemp("cascade")
     raw = root / "raw"
     write_phantom_dataset(raw, 3, seed=5, shape=(40, 72, 72), lesions=True, orientation="identity")
     (raw / "labelsTr" / "annotated.json").write_text('{"phantom_002": [1, 2, 3]}')  # no lesion annotation
-    data = prepare_tiny(raw, root / "data", *CASCADE_LABELS, "prepare.fine.size=null", FINE_SPACING)
+    data = prepare_tiny(raw, root / "data", *CASCADE_LABELS, NAMED_GRIDS)
     return raw, data
 
 
@@ -104,14 +108,13 @@ def test_training_items_follow_the_label_groups_and_the_patch_size(cascade_data)
         None,
         [
             *CASCADE_LABELS,
-            "prepare.fine.size=null",
-            FINE_SPACING,
+            NAMED_GRIDS,
             "train.label_groups=[[4]]",
             "model.input_size=[16,16,16]",
             "train.foreground_patch_p=1.0",
         ],
     )
-    samples = TrainingSamples(PreparedData(data), ["phantom_000", "phantom_002"], config, "fine", length=6)
+    samples = TrainingSamples(PreparedData(data), ["phantom_000", "phantom_002"], config, "lesion", length=6)
     lesion_found = False
     for k in range(6):
         item = samples[k]
@@ -120,10 +123,10 @@ def test_training_items_follow_the_label_groups_and_the_patch_size(cascade_data)
         assert item["annotated"].tolist() == [item["case_id"] != "phantom_002"]  # no lesion annotation: masked
         lesion_found |= bool((item["label"] == 1).any())
     assert lesion_found
-    stored = ValidationSamples(PreparedData(data), ["phantom_000"], config, "fine")[0]
+    stored = ValidationSamples(PreparedData(data), ["phantom_000"], config, "lesion")[0]
     assert stored["image"].shape[1:] != (16, 16, 16)  # fixed spacing: validation sees the whole stored crop
-    roi = load_config(None, [*CASCADE_LABELS, "train.label_groups=[[1, 2, 3]]"])
-    item = TrainingSamples(PreparedData(data), ["phantom_000"], roi, "coarse")[0]
+    roi = load_config(None, [*CASCADE_LABELS, NAMED_GRIDS, "train.label_groups=[[1, 2, 3]]"])
+    item = TrainingSamples(PreparedData(data), ["phantom_000"], roi, "roi")[0]
     assert set(item["label"].unique().tolist()) == {0, 1}
 
 
@@ -131,9 +134,9 @@ def test_training_items_follow_the_label_groups_and_the_patch_size(cascade_data)
 class _FixedStage:
     """A stand-in stage returning a fixed label map on its grid (to test the chain's own logic)."""
 
-    def __init__(self, labels: np.ndarray, groups, names):
+    def __init__(self, labels: np.ndarray, groups, names, name="fixed", region="volume"):
         self.labels_on_grid, self.groups, self.label_names, self.labels = labels, groups, names, names
-        self.path = "fixed"
+        self.path, self.name, self.region = Path(name), name, region
         self.seen: list[tuple] = []
 
     def label_map(self, volume, spacing, regions=False):
@@ -151,9 +154,9 @@ def test_chain_crops_to_the_roi_and_later_stages_overwrite(monkeypatch):
     lesion = np.zeros((8, 8, 8), np.uint8)
     lesion[3:5, 3:5, 3:5] = 4  # a few voxels: lesions keep every component ({4: 0})
     stages = {
-        "roi": _FixedStage(roi, [[1, 2, 3]], names),
-        "organs": _FixedStage(organs, [[1], [2], [3]], names),
-        "lesion": _FixedStage(lesion, [[4]], names),
+        "roi": _FixedStage(roi, [[1, 2, 3]], names, "roi"),
+        "organs": _FixedStage(organs, [[1], [2], [3]], names, "organs", "labels"),
+        "lesion": _FixedStage(lesion, [[4]], names, "lesion", "labels"),
     }
     monkeypatch.setattr("flareseg.inference.predictor.StageModel", lambda path, *a: stages[Path(path).name])
     config = load_config(
@@ -162,10 +165,11 @@ def test_chain_crops_to_the_roi_and_later_stages_overwrite(monkeypatch):
             "predict.stages=[roi, organs, lesion]",
             "predict.margin_mm=0",
             "predict.coarse_min_volume_mm3=10",
-            "predict.keep_components_per_label={4: 0}",
+            "predict.postprocess={lesion: {keep_components_per_label: {4: 0}}}",
         ],
     )
     predictor = Predictor(config.predict)
+    assert predictor.steps.all == ("read", "roi", "box", "organs", "lesion", "postprocess", "write")
     geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), (19, 19, 19))
     out = predictor.predict_array(np.zeros((19, 19, 19), np.int16), geometry)
     # the ROI box [2:6, 3:7, 4:8] on the 10^3 grid is [4:11, 6:13, 8:15] on the 19^3 grid (corner-aligned)
@@ -173,6 +177,51 @@ def test_chain_crops_to_the_roi_and_later_stages_overwrite(monkeypatch):
     assert out[:4].max() == 0 and out[11:].max() == 0  # nothing outside the box
     assert set(np.unique(out).tolist()) == {0, 1, 4}
     assert (out == 4).sum() >= 1  # the lesion overwrote the organ and survived the component filter
+
+
+def _chain(monkeypatch, stages: dict, *overrides: str) -> Predictor:
+    monkeypatch.setattr("flareseg.inference.predictor.StageModel", lambda path, *a: stages[Path(path).name])
+    return Predictor(load_config(None, [f"predict.stages=[{', '.join(stages)}]", *overrides]).predict)
+
+
+def test_each_stage_filters_components_by_its_own_rule(monkeypatch):
+    """predict.postprocess.<stage> overrides the shorthand for that stage only: two organ stages see the same
+    map, one keeps both liver components, the other (the shorthand: keep 1) only the larger."""
+    names = ["liver"]
+    roi = np.ones((4, 4, 4), np.uint8)
+    two_livers = np.zeros((12, 12, 12), np.uint8)
+    two_livers[0:5, 0:5, 0:5] = 1  # 125 voxels
+    two_livers[8:11, 8:11, 8:11] = 1  # 27 voxels
+    stages = {
+        "roi": _FixedStage(roi, [[1]], names, "roi"),
+        "both": _FixedStage(two_livers, [[1]], names, "both", "labels"),
+        "one": _FixedStage(two_livers, [[1]], names, "one", "labels"),
+    }
+    predictor = _chain(
+        monkeypatch, stages, "predict.fine_min_volume_mm3=0", "predict.postprocess.both={keep_components: 2}"
+    )
+    assert predictor.rules[stages["both"]].keep_components == 2 and predictor.rules[stages["one"]].keep_components == 1
+    assert predictor.rules[stages["roi"]].min_volume_mm3 == 1000.0  # the ROI stage: coarse_min_volume_mm3
+    kept = {}
+    for name in ("both", "one"):
+        labels = two_livers.copy()
+        predictor._filter(labels, (1.0, 1.0, 1.0), stages[name])
+        kept[name] = int(labels.sum())
+    assert kept == {"both": 152, "one": 125}
+
+
+def test_a_chain_is_checked_against_its_stage_names_and_regions(monkeypatch):
+    names = ["liver"]
+    volume, box = np.ones((4, 4, 4), np.uint8), np.ones((4, 4, 4), np.uint8)
+    organs = _FixedStage(box, [[1]], names, "organs", "labels")
+    with pytest.raises(ValueError, match="first stage of a chain finds the region of interest in the whole volume"):
+        _chain(monkeypatch, {"organs": organs, "roi": _FixedStage(volume, [[1]], names, "roi")})
+    stages = {"roi": _FixedStage(volume, [[1]], names, "roi"), "organs": organs}
+    with pytest.raises(ValueError, match="predict.postprocess names the stages lesion, but this chain's stages are"):
+        _chain(monkeypatch, stages, "predict.postprocess.lesion={keep_components: 2}")
+    # a name that comes twice gets its own timing column
+    twice = {"roi": stages["roi"], "a": _FixedStage(box, [[1]], names, "organs", "labels"), "b": organs}
+    assert _chain(monkeypatch, twice).steps.all == ("read", "roi", "box", "organs", "organs_2", "postprocess", "write")
 
 
 def test_one_stage_chain_segments_the_whole_volume(monkeypatch):
@@ -188,15 +237,17 @@ def test_one_stage_chain_segments_the_whole_volume(monkeypatch):
 def test_roi_organ_lesion_cascade_predicts_end_to_end(cascade_data, tmp_path):
     """Real checkpoints of each kind: a binary ROI (fixed size), organs and lesions (fixed spacing, tiled)."""
     raw, data = cascade_data
-    common = [*CASCADE_LABELS, "prepare.fine.size=null", FINE_SPACING]
-    roi = train_tiny(data, tmp_path / "roi", "coarse", *common, "train.label_groups=[[1, 2, 3]]")
+    roi = train_tiny(data, tmp_path / "roi", "roi", *CASCADE_LABELS, "train.label_groups=[[1, 2, 3]]", network="coarse")
     organs = train_tiny(
-        data, tmp_path / "organs", "fine", *common, "train.label_groups=[[1], [2], [3]]", "model.input_size=[32,32,32]"
+        data, tmp_path / "organs", "organs", *CASCADE_LABELS, "train.label_groups=[[1], [2], [3]]", network="fine"
     )
     lesion = train_tiny(
-        data, tmp_path / "lesion", "fine", *common, "train.label_groups=[[4], [1, 2, 3]]", "model.input_size=[32,32,32]"
+        data, tmp_path / "lesion", "lesion", *CASCADE_LABELS, "train.label_groups=[[4], [1, 2, 3]]", network="fine"
     )
-    stages = [f"predict.stages=[{roi}, {organs}, {lesion}]", "predict.keep_components_per_label={4: 0}"]
+    stages = [
+        f"predict.stages=[{roi}, {organs}, {lesion}]",
+        "predict.postprocess={lesion: {keep_components_per_label: {4: 0}}}",
+    ]
     # the chain's mechanics, in PyTorch: OpenVINO's outputs of both kinds are checked against it in test_backends.py
     config = load_config(None, [*stages, "predict.backend=torch"])
     predictor = Predictor(config.predict)
@@ -212,4 +263,8 @@ def test_roi_organ_lesion_cascade_predicts_end_to_end(cascade_data, tmp_path):
     _, source = read_image(image_path)
     assert geometry == source and label.shape == source.shape
     assert set(np.unique(label).tolist()) <= {0, 1, 2, 3, 4}
-    assert {"read", "coarse", "box", "postprocess", "write"} <= set(timings.steps)
+    assert (
+        set(timings.steps)
+        == set(predictor.steps.all)
+        == {"read", "roi", "box", "organs", "lesion", "postprocess", "write"}
+    )

@@ -127,9 +127,7 @@ def test_selected_unlabeled_cases_and_inference_with_net_b(data, tmp_path):
         "-o",
         str(tmp_path / "out"),
         "-q",
-        "--coarse",
-        str(tmp_path / "run" / LATEST_B),
-        "--fine",
+        "--stages",  # net B alone segments the whole volume (a fine stage is no ROI stage)
         str(tmp_path / "run" / LATEST_B),
     ]
     assert main(args) == 0 and (tmp_path / "out" / "case.nii.gz").is_file()

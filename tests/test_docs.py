@@ -35,9 +35,12 @@ def test_ci_runs_the_readme_test_command():
     assert "torch==2.13.0" in (REPO / ".ci" / "run").read_text()
 
 
+MAPPINGS = ("prepare.grids", "predict.postprocess")  # keys whose value is a mapping of named sections
+
+
 def _flatten(data, prefix=""):
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in MAPPINGS:
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
@@ -69,8 +72,14 @@ def test_flare_system_configs_describe_their_systems():
     flare21 = load_config(REPO / "configs" / "flare21" / "fine.yaml")
     assert flare21.num_classes == 4 and flare21.model.name == "efficient_segnet"
     roi, organs, lesion = (load_config(REPO / "configs" / "flare23" / f"{n}.yaml") for n in ("roi", "organs", "lesion"))
-    assert roi.num_classes == 1 and roi.train.stage == "coarse"
-    assert load_config(REPO / "configs" / "flare23" / "data_prepare.yaml").uses_patches("fine")
+    assert roi.num_classes == 1 and (roi.train.stage, organs.train.stage, lesion.train.stage) == (
+        "roi",
+        "organs",
+        "lesion",
+    )
+    prepared = load_config(REPO / "configs" / "flare23" / "data_prepare.yaml")
+    assert list(prepared.prepare.grids) == ["roi", "organs"] and prepared.uses_patches("organs")
+    assert list(load_config(REPO / "configs" / "flare23" / "data_prepare_lesion.yaml").prepare.grids) == ["lesion"]
     assert lesion.class_label_groups[0] == [14] and lesion.train.loss.dynamic_weights
     chain = load_config(REPO / "configs" / "flare23" / "predict.yaml").predict
     assert [path.parent.name for path in chain.stages] == ["roi", "organs", "lesion"]

@@ -66,9 +66,10 @@ def test_duplicate_keys_in_an_override_value_are_rejected():
 
 def test_aliases_and_merge_keys_are_not_duplicates(tmp_path):
     # one anchored mapping used twice, and a merge key (<<) beside an explicit key that overrides it: valid YAML
-    text = "prepare:\n  coarse: &grid {size: [24, 24, 24]}\n  fine: *grid\ntrain:\n  <<: {lr: 0.01, epochs: 2}\n"
+    grids = "  grids:\n    coarse: &grid {region: labels, size: [24, 24, 24]}\n    fine: *grid\n"
+    text = f"prepare:\n{grids}train:\n  <<: {{lr: 0.01, epochs: 2}}\n"
     config = load_config(_write(tmp_path, text + "  epochs: 3\n"))
-    assert config.prepare.coarse.size == config.prepare.fine.size == (24, 24, 24)
+    assert config.prepare.grids["coarse"].size == config.prepare.grids["fine"].size == (24, 24, 24)
     assert config.train.lr == 0.01 and config.train.epochs == 3
 
 

@@ -35,7 +35,7 @@ from flareseg.data.prepare import prepare_dataset
 from flareseg.data.prepared import PreparedArrays, PreparedData
 from flareseg.io import read_image, write_image
 
-SMALL = ["prepare.coarse.size=[16, 16, 16]", "prepare.fine.size=[16, 20, 20]", "prepare.folds=2"]
+SMALL = ["prepare.grids.coarse.size=[16, 16, 16]", "prepare.grids.fine.size=[16, 20, 20]", "prepare.folds=2"]
 CASES = [f"phantom_{i:03d}" for i in range(4)]
 
 
@@ -171,7 +171,7 @@ def test_overwrite_removes_the_old_arrays_too(raw, tmp_path):
     assert prepare_dataset(_config(inputs, out), progress=False).ok
     (inputs / "imagesTr" / "phantom_003_0000.nii.gz").unlink()
     (inputs / "labelsTr" / "phantom_003.nii.gz").unlink()
-    coarse = "prepare.coarse.size=[12, 12, 12]"
+    coarse = "prepare.grids.coarse.size=[12, 12, 12]"
     summary = prepare_dataset(_config(inputs, out, coarse, "prepare.overwrite=true"), progress=False)
     assert summary.ok and summary.prepared == CASES[:3]
     arrays = sorted(path.name for path in (out / "arrays").iterdir())
@@ -195,7 +195,7 @@ def test_cases_named_like_metadata_keys_are_cases(raw, tmp_path):
     assert summary.ok and sorted(summary.prepared) == ids
     index = CaseIndex(out / INDEX_DIR)
     assert index.case_ids() == ids and index.get("__meta__")["case_id"] == "__meta__"
-    assert index.meta(META_SETTINGS)["prepare.coarse"]["size"] == [16, 16, 16]
+    assert index.meta(META_SETTINGS)["prepare.grids"]["coarse"]["size"] == [16, 16, 16]
     assert index.meta(META_FORMAT) == INDEX_FORMAT
     splits = index.meta(META_SPLITS)["splits"]
     assert sorted(splits[0]["train"] + splits[0]["val"]) == ids

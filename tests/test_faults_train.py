@@ -367,12 +367,14 @@ def test_a_fixed_size_stage_needs_the_prepared_input_size(data, tmp_path, capsys
     assert main(["train", *_flags(_settings(data, out, "model.input_size=[32,32,32]"))]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1, error
-    assert "'model.input_size' is [32,32,32]" in error and "fixed size [24,24,24] (prepare.coarse.size)" in error
+    assert "'model.input_size' is [32,32,32]" in error and "fixed size [24,24,24] (prepare.grids.coarse.size)" in error
     assert "set model.input_size=[24,24,24]" in error and not (out / LATEST).exists()
 
 
 def test_a_fixed_spacing_stage_takes_any_patch_size(tmp_path):
-    config = load_config(None, ["prepare.fine.size=null", "prepare.fine.spacing=[2,2,2]", "model.input_size=[16,24,8]"])
+    config = load_config(
+        None, ["prepare.grids.fine.size=null", "prepare.grids.fine.spacing=[2,2,2]", "model.input_size=[16,24,8]"]
+    )
     _check_input_size(config, tmp_path)  # patches of the resampled volume: any size is fine
 
 
@@ -391,7 +393,7 @@ def test_stage_scripts_run_without_torchrun_on_path(data, tmp_path):
     prepare.write_text(
         f"data:\n  labels: [liver, kidney, spleen]\nprepare:\n  images: {raw / 'imagesTr'}\n"
         f"  labels: {raw / 'labelsTr'}\n  out: {tmp_path / 'data'}\n  label_map: {{1: 1, 2: 2, 13: 2, 3: 3}}\n"
-        "  coarse: {size: [24, 24, 24]}\n  fine: {size: [32, 32, 32]}\n"
+        "  grids:\n    coarse: {region: volume, size: [24, 24, 24]}\n    fine: {region: labels, size: [32, 32, 32]}\n"
     )
     env = {"PATH": _without_torchrun(), "PYTHON": sys.executable, "HOME": os.environ.get("HOME", "/tmp")}
     env["OMP_NUM_THREADS"] = "1"

@@ -24,7 +24,7 @@ from flareseg.engine.loaders import data_loader
 from flareseg.io import Geometry, read_image, to_canonical, write_image
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["prepare.coarse.size=[24, 32, 32]", "prepare.fine.size=[28, 36, 36]", "prepare.folds=2"]
+SMALL = ["prepare.grids.coarse.size=[24, 32, 32]", "prepare.grids.fine.size=[28, 36, 36]", "prepare.folds=2"]
 
 
 def _config(raw: Path, out: Path, *extra: str, unlabeled: bool = True, workers: int = 2):
@@ -74,7 +74,7 @@ def test_prepare_writes_arrays_and_records(raw_phantoms, prepared):
             record["intensity"]["image"]["min"] <= coarse.min() and coarse.max() <= record["intensity"]["image"]["max"]
         )
         if not labeled:
-            assert record["crop_box"] == Box.full(record["canonical_geometry"]["shape"]).to_list()
+            assert record["grids"]["fine"]["box"] == Box.full(record["canonical_geometry"]["shape"]).to_list()
             assert record["annotated"] == [] and "coarse_label" not in record["arrays"]
             continue
         label, _ = read_image(record["label_file"])
@@ -82,7 +82,7 @@ def test_prepare_writes_arrays_and_records(raw_phantoms, prepared):
         present = sorted(int(v) for v in np.unique(label) if v)
         assert record["labels_present"] == present and record["annotated"] == list(range(1, 14))
         # The fine crop holds the whole label box plus the 20 mm margin (or the image border).
-        box, crop = bounding_box(canonical_label > 0), Box.from_list(record["crop_box"])
+        box, crop = bounding_box(canonical_label > 0), Box.from_list(record["grids"]["fine"]["box"])
         spacing = record["canonical_geometry"]["spacing"]
         for axis in range(3):
             margin = int(np.ceil(20 / spacing[axis] - 1e-9))
@@ -93,7 +93,7 @@ def test_prepare_writes_arrays_and_records(raw_phantoms, prepared):
         assert coarse_label.dtype == np.uint8 and set(np.unique(fine_label)) - {0} <= set(present)
         assert {1, 3, 11} <= set(np.unique(coarse_label).tolist())  # liver, spleen and stomach survive 32^3
         # Foreground samples are voxels of their label in the fine array.
-        for value, points in record["foreground_locations"].items():
+        for value, points in record["grids"]["fine"]["foreground_locations"].items():
             assert 0 < len(points) <= 100
             assert all(fine_label[tuple(p)] == int(value) for p in points)
 
@@ -103,9 +103,10 @@ def test_record_geometry_places_the_arrays_in_physical_space(prepared):
     index = CaseIndex(out / "index.lmdb")
     record = index.get("phantom_000")
     label, geometry = read_image(record["label_file"])
-    for name, grid in (("coarse_label", "coarse_geometry"), ("fine_label", "fine_geometry")):
+    for grid in ("coarse", "fine"):
+        name = f"{grid}_label"
         array = np.load(index.array_path(record, name))
-        array_geometry = Geometry.from_dict(record[grid])
+        array_geometry = Geometry.from_dict(record["grids"][grid]["geometry"])
         for organ in (1, 3):  # liver and spleen centroids in mm, from the source and from the prepared array
             source = geometry.index_to_physical(np.argwhere(label == organ).mean(0))
             prepared_centroid = array_geometry.index_to_physical(np.argwhere(array == organ).mean(0))
@@ -125,7 +126,7 @@ def test_splits_cover_labeled_cases_only(prepared):
 def test_config_is_saved_in_the_output(prepared):
     out, _ = prepared
     saved = load_config(out / "config.yaml")
-    assert saved.prepare.out == out and saved.prepare.coarse.size == (24, 32, 32)
+    assert saved.prepare.out == out and saved.prepare.grids["coarse"].size == (24, 32, 32)
 
 
 def test_rerun_skips_finished_cases_and_redoes_changed_inputs(raw_phantoms, tmp_path):
@@ -158,10 +159,12 @@ def test_rerun_skips_finished_cases_and_redoes_changed_inputs(raw_phantoms, tmp_
 def test_other_settings_need_a_new_folder_or_overwrite(raw_phantoms, tmp_path):
     out = tmp_path / "out"
     prepare_dataset(_config(raw_phantoms, out, unlabeled=False, workers=1), progress=False)
-    with pytest.raises(ConfigError, match="prepare.coarse differ"):
-        prepare_dataset(_config(raw_phantoms, out, "prepare.coarse.size=[16, 16, 16]", unlabeled=False), progress=False)
+    with pytest.raises(ConfigError, match="prepare.grids differ"):
+        prepare_dataset(
+            _config(raw_phantoms, out, "prepare.grids.coarse.size=[16, 16, 16]", unlabeled=False), progress=False
+        )
     redone = prepare_dataset(
-        _config(raw_phantoms, out, "prepare.coarse.size=[16, 16, 16]", "prepare.overwrite=true", unlabeled=False),
+        _config(raw_phantoms, out, "prepare.grids.coarse.size=[16, 16, 16]", "prepare.overwrite=true", unlabeled=False),
         progress=False,
     )
     assert len(redone.prepared) == 4
@@ -402,7 +405,7 @@ def test_label_map_merges_and_drops_labels(raw_phantoms, tmp_path):
     assert set(np.unique(fine).tolist()) == {0, 1, 2, 3, 4}
     # Both kidneys are label 2 now: its voxel count is about the sum of the two source kidneys (resampled).
     source_kidneys = np.isin(source, [2, 13]).sum() * np.prod(Geometry.from_dict(record["geometry"]).spacing)
-    fine_kidneys = (fine == 2).sum() * np.prod(Geometry.from_dict(record["fine_geometry"]).spacing)
+    fine_kidneys = (fine == 2).sum() * np.prod(Geometry.from_dict(record["grids"]["fine"]["geometry"]).spacing)
     assert abs(fine_kidneys / source_kidneys - 1) < 0.1
     summary = prepare_dataset(config, progress=False)  # a rerun with the same map resumes: nothing to redo
     assert summary.ok and summary.prepared == [] and len(summary.skipped) == len(index.case_ids())
@@ -412,11 +415,13 @@ def test_fine_source_has_room_for_margin_jitter(prepared):
     out, _ = prepared
     index = CaseIndex(out / "index.lmdb")
     record = index.get("phantom_000")
-    source, fine = record["fine_source"], Box.from_list(record["crop_box"])
+    source, fine = record["grids"]["fine"]["source"], Box.from_list(record["grids"]["fine"]["box"])
     outer = Box.from_list(source["box"])
     assert all(o_lo <= f_lo and f_hi <= o_hi for o_lo, f_lo, f_hi, o_hi in zip(outer.lo, fine.lo, fine.hi, outer.hi))
     source_geometry = Geometry.from_dict(source["geometry"])
-    assert np.allclose(source_geometry.spacing, Geometry.from_dict(record["fine_geometry"]).spacing, rtol=0.1)
+    assert np.allclose(
+        source_geometry.spacing, Geometry.from_dict(record["grids"]["fine"]["geometry"]).spacing, rtol=0.1
+    )
     label = np.load(index.array_path(record, "fine_source_label"))
     assert bounding_box(label > 0) == Box.from_list(source["foreground_box"])
-    assert index.get("phantom_004")["fine_source"] is None  # unlabeled
+    assert index.get("phantom_004")["grids"]["fine"]["source"] is None  # unlabeled

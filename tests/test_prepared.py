@@ -9,9 +9,10 @@ import pytest
 
 from flareseg.checkpoint import LATEST, load_checkpoint
 from flareseg.config import ConfigError, load_config
+from flareseg.config.schema import GridConfig
 from flareseg.data.index import INDEX_DIR, META_SPLITS, CaseIndex
 from flareseg.data.phantom import write_phantom_dataset
-from flareseg.data.prepared import PreparedArrays, PreparedData, StageGrid
+from flareseg.data.prepared import PreparedArrays, PreparedData
 from flareseg.engine.trainer import Trainer
 from tests.tiny import CPU, LIVER_KIDNEY_SPLEEN, STAGE_MODELS, prepare_tiny
 
@@ -21,15 +22,17 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     write_phantom_dataset(root / "raw", 4, seed=5, shape=(24, 40, 40), unlabeled=2)
     return prepare_tiny(
-        root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=2", "prepare.fine.margin_mm=12"
+        root / "raw", root / "data", *LIVER_KIDNEY_SPLEEN, "prepare.folds=2", "prepare.grids.fine.margin_mm=12"
     )
 
 
 def test_settings_are_typed_from_what_prepare_stored(data):
     settings = PreparedData(data).settings
     assert settings.labels == ("liver", "kidney", "spleen")
-    assert settings.grids["coarse"] == StageGrid(size=(24, 24, 24), spacing=None, margin_mm=None)
-    assert settings.grids["fine"] == StageGrid(size=(32, 32, 32), spacing=None, margin_mm=12.0)
+    assert settings.grids == {
+        "coarse": GridConfig(region="volume", size=(24, 24, 24), spacing=None, margin_mm=20.0),
+        "fine": GridConfig(region="labels", size=(32, 32, 32), spacing=None, margin_mm=12.0),
+    }
     assert settings.label_resampling == "per_label"
 
 
@@ -51,16 +54,17 @@ def test_raw_arrays_of_a_stage(data):
     prepared = PreparedData(data)
     item = PreparedArrays(prepared, "coarse", prepared.labeled_ids()[:1])[0]
     assert tuple(item["image"].shape) == (1, 24, 24, 24) and tuple(item["label"].shape) == (24, 24, 24)
-    with pytest.raises(ValueError, match="stage must be one of coarse, fine"):
+    with pytest.raises(ValueError, match="holds the stage grids coarse, fine, not 'middle'"):
         PreparedArrays(prepared, "middle")
 
 
 def test_adopting_the_grids_copies_the_config_and_checks_the_labels(data):
     settings = PreparedData(data).settings
-    config = load_config(None, [*LIVER_KIDNEY_SPLEEN, "prepare.fine.size=[64,64,64]"])
+    config = load_config(None, [*LIVER_KIDNEY_SPLEEN, "prepare.grids.fine.size=[64,64,64]"])
     adopted = settings.adopted_by(config, data)
-    assert tuple(adopted.prepare.fine.size) == (32, 32, 32) and adopted.prepare.fine.margin_mm == 12.0
-    assert tuple(config.prepare.fine.size) == (64, 64, 64)  # the caller's config is untouched
+    fine = adopted.prepare.grids["fine"]
+    assert tuple(fine.size) == (32, 32, 32) and fine.margin_mm == 12.0
+    assert tuple(config.prepare.grids["fine"].size) == (64, 64, 64)  # the caller's config is untouched
     extra = load_config(None, ["data.labels=[liver, kidney, spleen, pancreas]"])
     assert settings.adopted_by(extra, data).data.labels == extra.data.labels  # extra labels at the end are fine
     renamed = load_config(None, ["data.labels=[liver, spleen, kidney]"])
@@ -74,7 +78,7 @@ def test_the_trainer_trains_and_checkpoints_the_prepared_grid_not_its_callers(da
         [
             *LIVER_KIDNEY_SPLEEN,
             *STAGE_MODELS["fine"],
-            "prepare.fine.size=[48,48,48]",  # what the caller's config says; the folder holds 32^3
+            "prepare.grids.fine.size=[48,48,48]",  # what the caller's config says; the folder holds 32^3
             f"train.data={data}",
             f"train.out={tmp_path}",
             "train.epochs=1",
@@ -84,6 +88,6 @@ def test_the_trainer_trains_and_checkpoints_the_prepared_grid_not_its_callers(da
         ],
     )
     Trainer(config, CPU).fit()
-    assert tuple(config.prepare.fine.size) == (48, 48, 48)
-    stored = load_checkpoint(tmp_path / LATEST)["config"]["prepare"]["fine"]
+    assert tuple(config.prepare.grids["fine"].size) == (48, 48, 48)
+    stored = load_checkpoint(tmp_path / LATEST)["config"]["prepare"]["grids"]["fine"]
     assert stored["size"] == [32, 32, 32] and stored["margin_mm"] == 12.0

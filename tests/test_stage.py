@@ -10,16 +10,16 @@ import torch
 
 from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
+from flareseg.config.schema import GridConfig
 from flareseg.models import build_model
-from flareseg.stage import StageGrid, TrainedStage
+from flareseg.stage import TrainedStage
 
 LESION_MODEL = [
     "data.labels=[liver, kidney, spleen, lesion]",
     "data.hu_window=[-200, 300]",
-    "train.stage=fine",
+    "train.stage=lesion",
     "train.label_groups=[[4], [1, 2, 3]]",  # lesions, with the organs as one context region
-    "prepare.fine.spacing=[2.0, 1.5, 1.5]",
-    "prepare.fine.size=null",
+    "prepare.grids={lesion: {region: labels, spacing: [2.0, 1.5, 1.5]}}",
     "model.name=small_unet",
     "model.channels=[4,8,8,16]",
     "model.input_size=[16,24,24]",
@@ -37,7 +37,7 @@ def _checkpoint(tmp_path, overrides):
 def test_a_checkpoint_says_its_grid_classes_and_the_ids_they_write(tmp_path):
     path, _ = _checkpoint(tmp_path, LESION_MODEL)
     stage = TrainedStage.load(path)
-    assert stage.name == "fine" and stage.grid == StageGrid(size=None, spacing=(2.0, 1.5, 1.5), margin_mm=20.0)
+    assert stage.name == "lesion" and stage.grid == GridConfig(region="labels", spacing=(2.0, 1.5, 1.5), margin_mm=20.0)
     assert stage.grid.fixed_spacing and stage.input_size == (16, 24, 24) and stage.hu_window == (-200, 300)
     assert stage.class_groups == [[4], [1, 2, 3]] and stage.class_names == ["lesion", "liver+kidney+spleen"]
     assert stage.written_ids == [4, 0]  # the merged organ region is context: it is not written

@@ -21,7 +21,7 @@ from flareseg.engine.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 LABELS = "data.labels=[liver, kidney, spleen, pancreas]"
 FLARE21_MAP = "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3, 4: 4}"
-PREPARE = ["prepare.coarse.size=[24,24,24]", "prepare.fine.size=[32,32,32]", "prepare.folds=3"]
+PREPARE = ["prepare.grids.coarse.size=[24,24,24]", "prepare.grids.fine.size=[32,32,32]", "prepare.folds=3"]
 TINY = [
     "model.channels=[4,8,8,16,16]",
     "model.input_size=[32,32,32]",
@@ -171,8 +171,8 @@ def test_coarse_and_fine_learn_the_phantom_organs(tmp_path):
         [
             labels,
             mapping,
-            "prepare.coarse.size=[32,32,32]",
-            "prepare.fine.size=[48,48,48]",
+            "prepare.grids.coarse.size=[32,32,32]",
+            "prepare.grids.fine.size=[48,48,48]",
             f"prepare.images={tmp_path / 'raw' / 'imagesTr'}",
             "prepare.folds=5",
             f"prepare.labels={tmp_path / 'raw' / 'labelsTr'}",

@@ -28,8 +28,8 @@ def prepare_tiny(raw: Path, out: Path, *overrides: str) -> Path:
     config = load_config(
         None,
         [
-            "prepare.coarse.size=[24,24,24]",
-            "prepare.fine.size=[32,32,32]",
+            "prepare.grids.coarse.size=[24,24,24]",
+            "prepare.grids.fine.size=[32,32,32]",
             f"prepare.images={raw / 'imagesTr'}",
             f"prepare.labels={raw / 'labelsTr'}",
             f"prepare.out={out}",
@@ -41,8 +41,9 @@ def prepare_tiny(raw: Path, out: Path, *overrides: str) -> Path:
     return out
 
 
-def train_tiny(data: Path, out: Path, stage: str, *overrides: str) -> Path:
-    """Train the tiny `stage` network for one epoch of two steps on every labeled case; returns its checkpoint."""
+def train_tiny(data: Path, out: Path, stage: str, *overrides: str, network: str | None = None) -> Path:
+    """Train the tiny `stage` network (STAGE_MODELS[network], default the stage's own) for one epoch of two steps on
+    every labeled case; returns its checkpoint."""
     config = load_config(
         None,
         [
@@ -53,7 +54,7 @@ def train_tiny(data: Path, out: Path, stage: str, *overrides: str) -> Path:
             "train.progress=false",
             "train.iterations_per_epoch=2",
             "model.dropout=0",
-            *STAGE_MODELS[stage],
+            *STAGE_MODELS[network or stage],
             f"train.stage={stage}",
             f"train.out={out}",
             *overrides,

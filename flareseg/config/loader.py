@@ -38,7 +38,7 @@ def build_config(schema: type, data: dict | None, base_dir: Path, prefix: str = 
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'{_suggest(str(key), names, prefix)}")
+            raise _unknown_key(schema, str(key), names, prefix)
         kwargs[key] = coerce(hints[key], value, base_dir, dotted)
     return schema(**kwargs)
 
@@ -125,20 +125,53 @@ def apply_override(config: Any, assignment: str, base_dir: Path) -> None:
 
 
 def set_value(config: Any, key: str, value: Any, base_dir: Path) -> None:
-    """Set the field at dotted `key` in place, type-checked like a YAML value."""
+    """Set the field at dotted `key` in place, type-checked like a YAML value. A mapping of sections (such as
+    prepare.grids) is entered by its keys: `prepare.grids.coarse.size` changes one entry, and the last part of a
+    key may add an entry (`prepare.grids.lesion={region: labels, ...}`)."""
     parts = key.split(".")
-    node = config
+    node, kind = config, type(config)
     for depth, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(node)]
         prefix = ".".join(parts[:depth]) + ("." if depth else "")
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            key_type, kind = typing.get_args(kind)
+            entry = _dict_key(key_type, part, f"{prefix}{part}")
+            if last:
+                node[entry] = coerce(kind, value, base_dir, key)
+                return
+            if entry not in node:
+                known = ", ".join(map(str, node)) or "none"
+                raise ConfigError(f"'{prefix}{part}' is not an entry of '{prefix.rstrip('.')}' (entries: {known})")
+            node = node[entry]
+            continue
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"'{prefix.rstrip('.')}' is a value, not a section: cannot set '{key}'")
+        names = [f.name for f in dataclasses.fields(node)]
         if part not in names:
-            raise ConfigError(f"unknown config key '{prefix}{part}'{_suggest(part, names, prefix)}")
-        if depth < len(parts) - 1:
-            node = getattr(node, part)
-            if not dataclasses.is_dataclass(node):
-                raise ConfigError(f"'{prefix}{part}' is a value, not a section: cannot set '{key}'")
-    kind = typing.get_type_hints(type(node))[parts[-1]]
-    setattr(node, parts[-1], coerce(kind, value, base_dir, key))
+            raise _unknown_key(type(node), part, names, prefix)
+        kind = _field_type(typing.get_type_hints(type(node))[part])
+        if last:
+            setattr(node, part, coerce(typing.get_type_hints(type(node))[part], value, base_dir, key))
+            return
+        node = getattr(node, part)
+
+
+def _dict_key(key_type: Any, text: str, key: str) -> Any:
+    """A mapping's key as written in a dotted key (`keep_components_per_label.14`: the int 14)."""
+    if key_type is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"'{key}': the key {text!r} must be an integer") from None
+    return text
+
+
+def _field_type(kind: Any) -> Any:
+    """A field's type without `| None`."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        return options[0] if len(options) == 1 else kind
+    return kind
 
 
 def to_plain(config: Any) -> Any:
@@ -211,6 +244,13 @@ def safe_load(text: str, source: str, prefix: str = "") -> object:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def _unknown_key(schema: type, key: str, names: list[str], prefix: str) -> ConfigError:
+    """The error for a key `schema` does not have: where it moved (the schema's MOVED_KEYS), or the closest key."""
+    moved = getattr(schema, "MOVED_KEYS", {}).get(key)
+    hint = f"; it is now {moved}" if moved else _suggest(key, names, prefix)
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
 
 def _suggest(word: str, candidates: list[str], prefix: str, quote: bool = False) -> str:

@@ -6,9 +6,10 @@ sections (`prepare` for data preparation); `data` is shared by all of them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from flareseg.config.loader import ConfigError
 
@@ -47,14 +48,24 @@ class DataConfig:
             raise ConfigError(f"'{prefix}hu_window' must be [low, high] with low < high, got {list(self.hu_window)}")
 
 
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a stage's name: file names, CSV columns and YAML keys carry it
+
+
 @dataclass
 class GridConfig:
-    """The grid a stage's arrays are resampled to: a fixed size or a fixed spacing (set exactly one)."""
+    """One named stage grid of a prepared folder: which region of each case it holds, and the grid that region is
+    resampled to (a fixed size or a fixed spacing: set exactly one)."""
 
-    size: tuple[int, int, int] | None = (160, 160, 160)  # voxels [z, y, x]
-    spacing: tuple[float, float, float] | None = None  # mm [z, y, x]; set size to null to use it
+    # volume: the whole image (a coarse or ROI stage); labels: the box of all labels plus margin_mm, the whole
+    # image for an unlabeled case (a fine, organ or lesion stage, which inference runs inside the ROI's box)
+    region: Literal["volume", "labels"] | None = None  # required
+    size: tuple[int, int, int] | None = None  # voxels [z, y, x]
+    spacing: tuple[float, float, float] | None = None  # mm [z, y, x]
+    margin_mm: float = 20.0  # labels region: grown on every side of the label box, clipped to the image
 
     def validate(self, prefix: str) -> None:
+        if self.region is None:
+            raise ConfigError(f"'{prefix}region' must be set: volume (the whole image) or labels (the label box)")
         if (self.size is None) == (self.spacing is None):
             raise ConfigError(
                 f"set exactly one of '{prefix}size' and '{prefix}spacing' (the other to null); "
@@ -64,37 +75,46 @@ class GridConfig:
             raise ConfigError(f"'{prefix}size' must be at least 2 voxels per axis, got {list(self.size)}")
         if self.spacing is not None and min(self.spacing) <= 0:
             raise ConfigError(f"'{prefix}spacing' must be positive millimetres, got {list(self.spacing)}")
-
-
-@dataclass
-class CoarseArraysConfig(GridConfig):
-    """Coarse arrays: the whole volume on one grid."""
-
-
-@dataclass
-class FineArraysConfig(GridConfig):
-    """Fine arrays: the ground-truth box of all labels plus a margin (the whole image if unlabeled)."""
-
-    size: tuple[int, int, int] | None = (192, 192, 192)  # voxels [z, y, x]
-    margin_mm: float = 20.0  # grown on every side of the label box, clipped to the image
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
         if self.margin_mm < 0:
             raise ConfigError(f"'{prefix}margin_mm' must be >= 0, got {self.margin_mm}")
+
+    @property
+    def fixed_spacing(self) -> bool:
+        """Whether volumes are resampled to a spacing and tiled into model.input_size patches (else resized to
+        `size` and run in one pass)."""
+        return self.spacing is not None
+
+
+def _default_grids() -> dict[str, GridConfig]:
+    """The two stages of the FLARE21 design: coarse (whole volume) and fine (label box + margin)."""
+    return {
+        "coarse": GridConfig(region="volume", size=(160, 160, 160)),
+        "fine": GridConfig(region="labels", size=(192, 192, 192), margin_mm=20.0),
+    }
+
+
+def check_stage_name(name: object, key: str) -> None:
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+        raise ConfigError(f"'{key}' names a stage {name!r}: use lower-case letters, digits and _ (e.g. organs)")
 
 
 @dataclass
 class PrepareConfig:
     """Data preparation: raw images and labels -> resampled arrays + one LMDB index."""
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = {  # keys of earlier versions, named in the unknown-key error
+        "coarse": "prepare.grids.coarse (with region: volume)",
+        "fine": "prepare.grids.fine (with region: labels)",
+    }
+
     images: Path | None = None  # folder of <case>_0000.nii.gz images (or .nii/.nrrd/.mha, or DICOM sub-folders)
     labels: Path | None = None  # folder of <case>.nii.gz label maps for the images
     unlabeled: Path | None = None  # folder of unlabeled <case>_0000 images (semi-supervised training)
     out: Path | None = None  # output folder: arrays/, index.lmdb, config.yaml, failures.csv
     workers: int = 2  # parallel processes, one case each at a time
-    coarse: CoarseArraysConfig = field(default_factory=CoarseArraysConfig)
-    fine: FineArraysConfig = field(default_factory=FineArraysConfig)
+    # the stage grids, by stage name (a YAML mapping replaces the default coarse + fine; --set
+    # prepare.grids.coarse.size=[...] changes one); train.stage names the grid a network learns on
+    grids: dict[str, GridConfig] = field(default_factory=_default_grids)
     label_resampling: Literal["per_label", "nearest"] = "per_label"  # how label maps are resampled
     annotation: Literal["full", "present"] = "full"  # which labels a case annotates: all configured, or those present
     annotated_file: Path | None = None  # JSON {case: [label ids]} overriding `annotation` per case
@@ -102,12 +122,15 @@ class PrepareConfig:
     split_seed: int = 0  # seed of the case shuffle before the k-fold split
     foreground_samples: int = 100  # voxel locations stored per label, in fine-array coordinates
     label_map: dict[int, int] | None = None  # source label id -> data.labels id (unlisted ids -> 0); null = as is
-    source_margin_mm: float = 40.0  # extra margin of the fine training source crop (room for margin jitter)
+    source_margin_mm: float = 40.0  # labels grids: extra margin of the training source crop (room for jitter)
     overwrite: bool = False  # redo every case even if the index already holds it
 
     def validate(self, prefix: str = "prepare.") -> None:
-        self.coarse.validate(f"{prefix}coarse.")
-        self.fine.validate(f"{prefix}fine.")
+        if not self.grids:
+            raise ConfigError(f"'{prefix}grids' must name at least one stage grid")
+        for name, grid in self.grids.items():
+            check_stage_name(name, f"{prefix}grids.{name}")
+            grid.validate(f"{prefix}grids.{name}.")
         if self.workers < 1:
             raise ConfigError(f"'{prefix}workers' must be >= 1, got {self.workers}")
         if self.folds < 1:
@@ -220,9 +243,11 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Training of one stage (coarse or fine) on prepared data."""
+    """Training of one stage on prepared data."""
 
-    stage: Literal["coarse", "fine"] = "fine"  # which prepared arrays to train on
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"fine_margin_jitter_mm": "train.margin_jitter_mm"}
+
+    stage: str = "fine"  # the stage: the name of the prepared grid it learns on (coarse, fine, roi, organs, ...)
     data: Path | None = None  # prepared folder (holding index.lmdb); null = prepare.out
     out: Path | None = None  # run folder: checkpoints, logs, curves, config.yaml
     fold: int = 0  # split of the index to train on; -1 = every labeled case, no validation
@@ -249,7 +274,7 @@ class TrainConfig:
     pretrained: Path | None = None  # weights to start from (partial load with a shape check)
     lesion_label: int | None = None  # label id whose cases are oversampled (e.g. 14)
     lesion_oversample: int = 1  # each case with that label appears this many times per epoch
-    fine_margin_jitter_mm: float = 20.0  # fine crops use margin prepare.fine.margin_mm +- this, per side
+    margin_jitter_mm: float = 20.0  # labels-region stages: crops use the grid's margin_mm +- this, per side
     label_groups: list[list[int]] | None = None  # network class k = union of these label ids; null = one per label
     foreground_patch_p: float = 0.33  # fixed-spacing stages: share of patches centred on a foreground voxel
     time_budget_minutes: float | None = None  # stop after the epoch that reaches this much training time
@@ -270,8 +295,9 @@ class TrainConfig:
             raise ConfigError(f"'{prefix}lr' must be > 0 and '{prefix}weight_decay' >= 0")
         if len(self.step_milestones) != len(self.step_factors):
             raise ConfigError(f"'{prefix}step_milestones' and '{prefix}step_factors' must have the same length")
-        if self.fine_margin_jitter_mm < 0:
-            raise ConfigError(f"'{prefix}fine_margin_jitter_mm' must be >= 0, got {self.fine_margin_jitter_mm}")
+        check_stage_name(self.stage, f"{prefix}stage")
+        if self.margin_jitter_mm < 0:
+            raise ConfigError(f"'{prefix}margin_jitter_mm' must be >= 0, got {self.margin_jitter_mm}")
         if self.label_groups is not None and (not self.label_groups or not all(self.label_groups)):
             raise ConfigError(
                 f"'{prefix}label_groups' must list non-empty groups of label ids, got {self.label_groups}"
@@ -318,6 +344,24 @@ class DistillConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Component filtering of one stage's labels, at that stage's resolution; an unset key takes predict's
+    shorthand (coarse_min_volume_mm3 for the ROI stage, fine_min_volume_mm3 for the others, keep_components...)."""
+
+    min_volume_mm3: float | None = None  # components smaller than this are dropped (the largest of a label stays)
+    keep_components: int | None = None  # connected components kept per label (largest first)
+    keep_components_per_label: dict[int, int] | None = None  # by label id, over predict's; 0 = keep all (lesions)
+
+    def validate(self, prefix: str) -> None:
+        if self.min_volume_mm3 is not None and self.min_volume_mm3 < 0:
+            raise ConfigError(f"'{prefix}min_volume_mm3' must be >= 0, got {self.min_volume_mm3}")
+        if self.keep_components is not None and self.keep_components < 1:
+            raise ConfigError(f"'{prefix}keep_components' must be >= 1, got {self.keep_components}")
+        if any(k < 0 for k in (self.keep_components_per_label or {}).values()):
+            raise ConfigError(f"'{prefix}keep_components_per_label' values must be >= 0 (0 = keep all)")
+
+
+@dataclass
 class PredictConfig:
     """Inference: coarse model -> organ box -> fine model -> post-processing, on the GPU or the CPU."""
 
@@ -330,10 +374,14 @@ class PredictConfig:
     threads: int | None = None  # CPU threads for torch and OpenVINO (null = all cores)
     backend: Literal["auto", "torch", "openvino"] = "auto"  # auto: openvino on the CPU when installed, else torch
     margin_mm: float = 20.0  # grown on every side of the coarse organ box before the fine model
-    coarse_min_volume_mm3: float = 1000.0  # coarse components smaller than this are dropped (the largest stays)
-    fine_min_volume_mm3: float = 2000.0  # fine components smaller than this are dropped (the largest stays)
+    # component filtering, the shorthand for every stage: min_volume_mm3 is coarse_min_volume_mm3 for the ROI
+    # stage (the first of a chain of several) and fine_min_volume_mm3 for the stages that segment
+    coarse_min_volume_mm3: float = 1000.0  # ROI-stage components smaller than this are dropped (the largest stays)
+    fine_min_volume_mm3: float = 2000.0  # segmenting-stage components smaller than this are dropped (largest stays)
     keep_components: int = 1  # connected components kept per label (largest first)
     keep_components_per_label: dict[int, int] | None = None  # by label id, e.g. {2: 2}; 0 = keep all (lesions)
+    # per stage, by its name (its checkpoint's train.stage), e.g. {lesion: {min_volume_mm3: 0}}: overrides the above
+    postprocess: dict[str, PostprocessConfig] = field(default_factory=dict)
     window_overlap: float = 0.25  # fixed-spacing stages: overlap of the sliding-window patches (fraction per axis)
     png: bool = False  # also write <case>.png: axial and coronal slices with the predicted contours
 
@@ -349,6 +397,23 @@ class PredictConfig:
         for key in ("margin_mm", "coarse_min_volume_mm3", "fine_min_volume_mm3"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"'{prefix}{key}' must be >= 0, got {getattr(self, key)}")
+        for name, rule in self.postprocess.items():
+            check_stage_name(name, f"{prefix}postprocess.{name}")
+            rule.validate(f"{prefix}postprocess.{name}.")
+
+    def postprocess_for(self, stage: str, finds_region: bool) -> PostprocessConfig:
+        """The component rule of `stage` with every key decided: its own settings over the shorthand.
+        `finds_region`: the stage is the ROI stage of a chain (coarse_min_volume_mm3), not a segmenting one."""
+        own = self.postprocess.get(stage, PostprocessConfig())
+        shorthand = self.coarse_min_volume_mm3 if finds_region else self.fine_min_volume_mm3
+        return PostprocessConfig(
+            min_volume_mm3=shorthand if own.min_volume_mm3 is None else own.min_volume_mm3,
+            keep_components=self.keep_components if own.keep_components is None else own.keep_components,
+            keep_components_per_label={
+                **(self.keep_components_per_label or {}),
+                **(own.keep_components_per_label or {}),
+            },
+        )
 
 
 @dataclass
@@ -400,10 +465,16 @@ class Config:
         groups = self.train.label_groups
         return len(groups) if groups is not None else len(self.data.labels)
 
+    def grid(self, stage: str) -> GridConfig:
+        """The prepared grid of `stage` (a ConfigError listing the grids when there is none)."""
+        if stage not in self.prepare.grids:
+            raise ConfigError(f"no prepared grid is named {stage!r} (prepare.grids: {', '.join(self.prepare.grids)})")
+        return self.prepare.grids[stage]
+
     def uses_patches(self, stage: str) -> bool:
-        """Whether `stage` ("coarse"/"fine") keeps a fixed spacing and runs on model.input_size patches (training
-        samples one, inference tiles the volume) instead of resizing its arrays to model.input_size."""
-        return getattr(self.prepare, stage).spacing is not None
+        """Whether `stage` keeps a fixed spacing and runs on model.input_size patches (training samples one,
+        inference tiles the volume) instead of resizing its arrays to model.input_size."""
+        return self.grid(stage).fixed_spacing
 
     @property
     def class_label_groups(self) -> list[list[int]]:

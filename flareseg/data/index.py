@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import lmdb
 
 INDEX_DIR = "index.lmdb"  # the index folder inside a prepared folder
-INDEX_FORMAT = 3  # 3: case records and metadata in separate named databases (2: one key space, "__meta__")
+# 4: records hold named stage grids ("grids"); 3: records and metadata in separate named databases (2: one key
+# space, "__meta__")
+INDEX_FORMAT = 4
 
 # Metadata names (the metadata database; never case ids).
 META_FORMAT = "format"  # int: the INDEX_FORMAT the index was written in

@@ -248,7 +248,7 @@ def _claim_index(index: IndexWriter, config: Config) -> None:
 
 def _settings_fingerprint(config: Config) -> dict:
     prepare = to_plain(config.prepare)
-    keys = ("coarse", "fine", "label_resampling", "annotation", "foreground_samples", "label_map", "source_margin_mm")
+    keys = ("grids", "label_resampling", "annotation", "foreground_samples", "label_map", "source_margin_mm")
     settings = {"data.labels": list(config.data.labels), **{f"prepare.{key}": prepare[key] for key in keys}}
     return json.loads(json.dumps(settings))  # as the index stores it (JSON: label_map keys become strings)
 

@@ -1,4 +1,4 @@
-"""Prepare one case: read and check it, reorient it, resample its coarse and fine arrays, describe it in a record.
+"""Prepare one case: read and check it, reorient it, resample it onto each stage grid, describe it in a record.
 
 Stored arrays hold raw HU (int16) and label ids (uint8) in canonical orientation; windowing and z-score happen
 later, in the training dataset or on the inference device.
@@ -51,23 +51,16 @@ def prepare_case(case: CaseFiles, config: Config, out_dir: Path, annotated: list
     image_c, canonical, plan = to_canonical(image, geometry)
     label_c = None if label is None else plan.apply(label)
     volume = _CanonicalVolume(_tensor(image_c), _tensor(label_c), canonical, settings.label_resampling)
-    coarse = volume.region(Box.full(canonical.shape), settings.coarse)
     foreground = bounding_box(label_c > 0) if label_c is not None else None
-    if foreground is None:  # unlabeled (or an empty label map): the fine arrays hold the whole image
-        fine, source = volume.region(Box.full(canonical.shape), settings.fine), None
-    else:
-        fine = volume.region(_grow(foreground, settings.fine.margin_mm, canonical), settings.fine)
-        # The fine training source: more margin, on the fine arrays' voxel size, so that training crops with a
-        # jittered margin are cut from it and resized only mildly.
-        source_box = _grow(foreground, settings.fine.margin_mm + settings.source_margin_mm, canonical)
-        source = volume.region(source_box, GridConfig(size=None, spacing=fine.geometry.spacing))
+    grids, arrays = {}, {}
+    for name, grid in settings.grids.items():
+        grids[name], grid_arrays = _stage_region(volume, foreground, grid, settings.source_margin_mm)
+        arrays.update({f"{name}_{kind}": array for kind, array in grid_arrays.items()})
+        grids[name]["foreground_locations"] = _foreground_locations(
+            grid_arrays.get("label") if grid.region == "labels" else None, settings.foreground_samples, case.case_id
+        )
     timer.lap("resample")
 
-    arrays = {"coarse_image": coarse.image, "fine_image": fine.image}
-    if label_c is not None:
-        arrays.update(coarse_label=coarse.label, fine_label=fine.label)
-    if source is not None:
-        arrays.update(fine_source_image=source.image, fine_source_label=source.label)
     paths = {name: _save_array(out_dir, case.case_id, name, array) for name, array in arrays.items()}
     timer.lap("write")
 
@@ -81,14 +74,10 @@ def prepare_case(case: CaseFiles, config: Config, out_dir: Path, annotated: list
         "geometry": geometry.to_dict(),
         "reorientation": {"axes": list(plan.axes), "flips": list(plan.flips)},
         "canonical_geometry": canonical.to_dict(),
-        "crop_box": fine.box.to_list(),
-        "coarse_geometry": coarse.geometry.to_dict(),
-        "fine_geometry": fine.geometry.to_dict(),
-        "fine_source": None if source is None else _source_record(source),
+        "grids": grids,  # per stage grid: its geometry, its box in canonical indices, its training source
         "labels_present": present,
         "annotated": _annotated(case, present, annotated, len(config.data.labels), settings.annotation),
         "arrays": paths,
-        "foreground_locations": _foreground_locations(fine.label, settings.foreground_samples, case.case_id),
         "intensity": {
             "image": intensity_statistics(image_c),
             "foreground": intensity_statistics(image_c, label_c) if present else {},
@@ -124,8 +113,36 @@ class _CanonicalVolume:
         return _Region(image, label, resampled_geometry(crop_geometry, size), box)
 
 
+def _stage_region(
+    volume: _CanonicalVolume, foreground: Box | None, grid: GridConfig, source_margin_mm: float
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """One stage grid of a case: its record (geometry, box, training source) and its arrays by kind.
+
+    A labels-region grid holds the label box plus the grid's margin (the whole image when there are no labels),
+    and a training source: the box plus more margin, on the grid's voxel size, from which training crops with a
+    jittered margin are cut and resized only mildly."""
+    whole = Box.full(volume.geometry.shape)
+    if grid.region == "volume" or foreground is None:
+        region, source = volume.region(whole, grid), None
+    else:
+        region = volume.region(_grow(foreground, grid.margin_mm, volume.geometry), grid)
+        source_box = _grow(foreground, grid.margin_mm + source_margin_mm, volume.geometry)
+        source = volume.region(source_box, GridConfig(region="labels", spacing=region.geometry.spacing))
+    arrays = {"image": region.image}
+    if region.label is not None:
+        arrays["label"] = region.label
+    if source is not None:
+        arrays.update(source_image=source.image, source_label=source.label)
+    record = {
+        "geometry": region.geometry.to_dict(),
+        "box": region.box.to_list(),
+        "source": None if source is None else _source_record(source),
+    }
+    return record, arrays
+
+
 def _source_record(source: _Region) -> dict:
-    """Where the fine training source sits, and the tight label box inside it (its array indices)."""
+    """Where a labels grid's training source sits, and the tight label box inside it (its array indices)."""
     foreground = bounding_box(source.label > 0)
     return {
         "box": source.box.to_list(),
@@ -212,11 +229,11 @@ def _annotated(case: CaseFiles, present: list[int], listed: list[int] | None, nu
     return present if mode == "present" else list(range(1, num_labels + 1))
 
 
-def _foreground_locations(fine_label: np.ndarray | None, per_label: int, case_id: str) -> dict[str, list]:
-    """Up to `per_label` random voxel locations [z, y, x] of each label in the fine array (seeded by case id)."""
-    if fine_label is None or per_label == 0:
+def _foreground_locations(label: np.ndarray | None, per_label: int, case_id: str) -> dict[str, list]:
+    """Up to `per_label` random voxel locations [z, y, x] of each label in a labels grid's array (seeded by case)."""
+    if label is None or per_label == 0:
         return {}
-    flat = fine_label.ravel()
+    flat = label.ravel()
     where = np.flatnonzero(flat)
     values = flat[where]
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little"))
@@ -224,7 +241,7 @@ def _foreground_locations(fine_label: np.ndarray | None, per_label: int, case_id
     for value in _label_values(values):
         candidates = where[values == value]
         chosen = np.sort(rng.choice(candidates, size=min(per_label, candidates.size), replace=False))
-        locations[str(int(value))] = np.stack(np.unravel_index(chosen, fine_label.shape), axis=1).tolist()
+        locations[str(int(value))] = np.stack(np.unravel_index(chosen, label.shape), axis=1).tolist()
     return locations
 
 

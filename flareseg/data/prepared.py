@@ -25,10 +25,9 @@ import torch
 from torch.utils.data import Dataset
 
 from flareseg.config import Config, ConfigError
+from flareseg.config.loader import build_config
+from flareseg.config.schema import GridConfig
 from flareseg.data.index import INDEX_DIR, META_SETTINGS, META_SPLITS, CaseIndex
-from flareseg.stage import StageGrid
-
-STAGES = ("coarse", "fine")  # the stage grids every prepared folder holds
 
 
 @dataclass(frozen=True)
@@ -36,24 +35,22 @@ class PreparedSettings:
     """The settings every array of a prepared folder was made with (a folder never mixes settings)."""
 
     labels: tuple[str, ...]  # data.labels: label id k + 1 is labels[k]
-    grids: dict[str, StageGrid]  # per stage name
+    grids: dict[str, GridConfig]  # prepare.grids: per stage name
     label_resampling: str  # prepare.label_resampling
 
     @classmethod
     def from_meta(cls, settings: dict) -> PreparedSettings:
         """From the index's META_SETTINGS record (as prepare stores it: dotted keys, JSON values)."""
-        grids = {}
-        for stage in STAGES:
-            stored = settings[f"prepare.{stage}"]
-            grids[stage] = StageGrid(
-                size=None if stored["size"] is None else tuple(stored["size"]),
-                spacing=None if stored["spacing"] is None else tuple(stored["spacing"]),
-                margin_mm=stored.get("margin_mm"),
-            )
+        grids = {
+            name: build_config(GridConfig, stored, Path("."), f"prepare.grids.{name}.")
+            for name, stored in settings["prepare.grids"].items()
+        }
         return cls(tuple(settings["data.labels"]), grids, settings["prepare.label_resampling"])
 
     def adopted_by(self, config: Config, where: Path) -> Config:
         """A copy of `config` whose stage grids and label resampling are these (the caller's config is unchanged).
+        The grids replace the config's own: a trainer learns the stage train.stage names on the grid it was
+        prepared with, whatever the config says.
 
         A trainer trains with it and its checkpoints store it, so inference resamples exactly as the training data
         was. Labels that the prepared data numbers differently would silently be renamed, so that is an error
@@ -66,11 +63,7 @@ class PreparedSettings:
                 "prepare again"
             )
         adopted = copy.deepcopy(config)
-        for stage, grid in self.grids.items():
-            target = getattr(adopted.prepare, stage)
-            target.size, target.spacing = grid.size, grid.spacing
-            if grid.margin_mm is not None:
-                target.margin_mm = grid.margin_mm
+        adopted.prepare.grids = copy.deepcopy(self.grids)
         adopted.prepare.label_resampling = self.label_resampling
         return adopted
 
@@ -151,10 +144,10 @@ class PreparedArrays(Dataset):
     """
 
     def __init__(self, data: PreparedData, stage: str, case_ids: list[str] | None = None):
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        self.data, self.stage = data, stage
         settings = data.settings
+        if settings is not None and stage not in settings.grids:
+            raise ValueError(f"{data.folder} holds the stage grids {', '.join(settings.grids)}, not {stage!r}")
+        self.data, self.stage = data, stage
         self.num_labels = 0 if settings is None else len(settings.labels)
         self.case_ids = list(case_ids) if case_ids is not None else data.case_ids()
         missing = data.missing(self.case_ids)

@@ -25,7 +25,7 @@ from flareseg.data.patches import patch_box, take_patch
 from flareseg.data.prepared import PreparedData
 from flareseg.data.resample import resize_image, resize_label
 
-Stage = str  # "coarse" | "fine"
+Stage = str  # the name of a prepared grid (train.stage)
 
 
 class _PreparedSamples(Dataset):
@@ -67,11 +67,11 @@ class _PreparedSamples(Dataset):
 class TrainingSamples(_PreparedSamples):
     """Random training samples of one stage, `length` per epoch (cases cycled, lesion cases repeated).
 
-    coarse: the whole-volume coarse arrays (resized to model.input_size if they differ), augmented.
-    fine: the label box plus a margin of prepare.fine.margin_mm +- train.fine_margin_jitter_mm (uniform and
-    independent on each of the six faces, symmetric, never below 0), cut from the fine training source,
+    A volume-region grid: its whole-volume arrays (resized to model.input_size if they differ), augmented.
+    A labels-region grid: the label box plus a margin of the grid's margin_mm +- train.margin_jitter_mm (uniform
+    and independent on each of the six faces, symmetric, never below 0), cut from the grid's training source,
     resized to model.input_size, augmented.
-    Fixed-spacing stages (prepare.<stage>.spacing) are not resized: a model.input_size patch is drawn from the
+    Fixed-spacing grids (prepare.grids.<stage>.spacing) are not resized: a model.input_size patch is drawn from the
     volume or crop instead (see flareseg.data.patches), normalised with the statistics of the whole of it.
     """
 
@@ -83,8 +83,10 @@ class TrainingSamples(_PreparedSamples):
         self.stage = stage
         self.seed = train.seed
         self.epoch = 0
-        self.margin_mm = config.prepare.fine.margin_mm
-        self.jitter_mm = train.fine_margin_jitter_mm
+        grid = config.grid(stage)
+        self.crops_labels = grid.region == "labels"
+        self.margin_mm = grid.margin_mm
+        self.jitter_mm = train.margin_jitter_mm
         self.augment = Augmenter(train.augment)
         self.patches = config.uses_patches(stage)
         self.foreground_p = train.foreground_patch_p
@@ -107,7 +109,7 @@ class TrainingSamples(_PreparedSamples):
     def __getitem__(self, k: int) -> dict:
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, k))
         record = self.data.record(self.plan[k])
-        image, label, spacing = self._fine_crop(record, generator) if self.stage == "fine" else self._coarse(record)
+        image, label, spacing = self._label_crop(record, generator) if self.crops_labels else self._volume(record)
         stats = None
         if self.patches:  # fixed spacing: normalise like the whole volume, then one input_size patch of it
             std, mean = torch.std_mean(image.clamp(*self.window), unbiased=False)
@@ -120,20 +122,21 @@ class TrainingSamples(_PreparedSamples):
             image, label = self.augment(image, label, generator, spacing=spacing)
         return self._item(record, image, label, stats)
 
-    def _coarse(self, record: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
-        image = torch.from_numpy(np.array(self._array(record, "coarse_image"), dtype=np.float32))
-        label = torch.from_numpy(np.array(self._array(record, "coarse_label")))
-        spacing = tuple(record["coarse_geometry"]["spacing"])
+    def _volume(self, record: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
+        image = torch.from_numpy(np.array(self._array(record, f"{self.stage}_image"), dtype=np.float32))
+        label = torch.from_numpy(np.array(self._array(record, f"{self.stage}_label")))
+        spacing = tuple(record["grids"][self.stage]["geometry"]["spacing"])
         if not self.patches and tuple(image.shape) != self.size:
             spacing = _spacing_after_resize(spacing, image.shape, self.size)
             image, label = resize_image(image, self.size), resize_label(label, self.size, self.label_mode)
         return image, label, spacing
 
-    def _fine_crop(self, record: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        source = record["fine_source"]
+    def _label_crop(self, record: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        source = record["grids"][self.stage]["source"]
         if source is None or source["foreground_box"] is None:
-            raise ValueError(f"case {record['case_id']} has no fine training source (no labels?)")
-        image, label = self._array(record, "fine_source_image"), self._array(record, "fine_source_label")
+            raise ValueError(f"case {record['case_id']} has no {self.stage} training source (no labels?)")
+        image = self._array(record, f"{self.stage}_source_image")
+        label = self._array(record, f"{self.stage}_source_label")
         box = _jittered_box(
             Box.from_list(source["foreground_box"]),
             source["geometry"]["spacing"],
@@ -191,7 +194,7 @@ class UnlabeledSamples(_PreparedSamples):
 
 
 class ValidationSamples(_PreparedSamples):
-    """The fixed validation data of a stage: the stored coarse or fine arrays, not augmented, any shape."""
+    """The fixed validation data of a stage: its stored arrays, not augmented, any shape."""
 
     def __init__(self, data: PreparedData, case_ids: list[str], config: Config, stage: Stage):
         super().__init__(data, case_ids, config)

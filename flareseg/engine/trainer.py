@@ -1,4 +1,4 @@
-"""The trainer: one stage (coarse or fine) on prepared data, with torch.amp and DDP, resumable and observable.
+"""The trainer: one stage (a named prepared grid) on prepared data, with torch.amp and DDP, resumable and observable.
 
 fit():
     for each epoch:  set lr -> _start_epoch -> train_epoch (train_step per batch) -> validate -> checkpoint -> log
@@ -313,12 +313,18 @@ def _check_input_size(config: Config, data_dir: Path) -> None:
     another size would be resized on every step, training at a resolution and memory nobody chose (a 160^3 network
     on a 32^3 index took 9.5 GB). Fixed-spacing stages take model.input_size patches of any size."""
     stage = config.train.stage
-    size = getattr(config.prepare, stage).size
+    try:
+        size = config.grid(stage).size
+    except ConfigError:
+        raise ConfigError(
+            f"'train.stage' is {stage!r}, but {data_dir} holds the stage grids {', '.join(config.prepare.grids)} "
+            "(prepare.grids): train one of those, or prepare that grid"
+        ) from None
     if size is not None and tuple(config.model.input_size) != tuple(size):
         wanted, prepared = _listed(config.model.input_size), _listed(size)
         raise ConfigError(
             f"'model.input_size' is {wanted}, but {data_dir} holds the {stage} stage at the fixed size {prepared} "
-            f"(prepare.{stage}.size): set model.input_size={prepared}, or prepare the data at {wanted}"
+            f"(prepare.grids.{stage}.size): set model.input_size={prepared}, or prepare the data at {wanted}"
         )
 
 

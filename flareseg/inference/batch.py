@@ -19,7 +19,6 @@ from flareseg.io import image_suffix
 from flareseg.memory import peak_cuda_mb, peak_rss_mb, reset_peak_memory
 
 TIMING_FILE = "timing.csv"
-STEPS = ("read", "coarse", "box", "fine", "postprocess", "write")
 
 
 @dataclass
@@ -74,7 +73,7 @@ def predict_folder(config: Config, input_dir: Path, out_dir: Path, progress: boo
             if output.resolve() in inputs:  # an input linked into the output folder: never write over it
                 raise ValueError(f"{image}: its prediction {output} would overwrite an input image")
             timings = predictor.predict_file(image, output)
-            row.update({step: round(timings.steps.get(step, 0.0), 4) for step in STEPS})
+            row.update({step: round(timings.steps.get(step, 0.0), 4) for step in predictor.steps.all})
             summary.predicted.append(case_id)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -86,7 +85,7 @@ def predict_folder(config: Config, input_dir: Path, out_dir: Path, progress: boo
         row["peak_gpu_mb"] = round(peak_cuda_mb(predictor.device), 1) if predictor.device.type == "cuda" else ""
         summary.rows.append(row)
     summary.rows.sort(key=lambda row: row["case"])
-    _write_rows(out_dir / TIMING_FILE, summary.rows)
+    _write_rows(out_dir / TIMING_FILE, summary.rows, predictor.steps.all)
     return summary
 
 
@@ -97,8 +96,9 @@ def _fail(summary: PredictSummary, row: dict, message: str) -> None:
     tqdm.write(f"failed: {message}", file=sys.stderr)
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    columns = ["case", "status", "seconds", *STEPS, "peak_rss_mb", "peak_gpu_mb", "message"]
+def _write_rows(path: Path, rows: list[dict], steps: tuple[str, ...]) -> None:
+    """timing.csv: a row per case, a column of seconds per step (each stage's under its name)."""
+    columns = ["case", "status", "seconds", *steps, "peak_rss_mb", "peak_gpu_mb", "message"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()

@@ -39,7 +39,7 @@ class CaseTimings:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.perf_counter()
-        self.steps[step] = self.steps.get(step, 0.0) + now - self._last  # repeated steps (several fine stages) add up
+        self.steps[step] = self.steps.get(step, 0.0) + now - self._last  # a step lapped twice adds up
         self._last = now
 
 
@@ -78,6 +78,22 @@ class Predictor:
             for path in paths
         ]
         self.roi, self.segmenters = (None, stages) if len(stages) == 1 else (stages[0], stages[1:])
+        if self.roi is not None and self.roi.region != "volume":
+            raise ValueError(
+                f"{self.roi.path} learned the {self.roi.name!r} stage on label boxes (prepare.grids.{self.roi.name}"
+                ".region: labels), but the first stage of a chain finds the region of interest in the whole volume: "
+                "put a stage trained on a volume grid first"
+            )
+        self.steps = _step_names(stages, roi_first=self.roi is not None)  # a timing column per step and stage
+        self.rules = {  # each stage's component rule, decided once
+            stage: settings.postprocess_for(stage.name, finds_region=stage is self.roi) for stage in stages
+        }
+        unknown = sorted(set(settings.postprocess) - {stage.name for stage in stages})
+        if unknown:
+            raise ValueError(
+                f"predict.postprocess names the stages {', '.join(unknown)}, but this chain's stages are "
+                f"{', '.join(stage.name for stage in stages)} (each checkpoint's train.stage)"
+            )
         for stage in self.segmenters[1:]:
             if stage.label_names != self.segmenters[0].label_names:
                 raise ValueError(
@@ -111,16 +127,16 @@ class Predictor:
         region = self._region_of_interest(volume, canonical, timings)
         if region is not None:
             crop, target = volume[region.slices], labels_c[region.slices]
-            for stage in self.segmenters:
+            for stage, step in zip(self.segmenters, self.steps.segmenters):
                 # components are filtered at the model's resolution (a few million voxels, not tens of millions),
                 # then only the uint8 label map is resampled back to the crop, label by label
                 on_grid = stage.label_map(crop, canonical.spacing).cpu().numpy()
                 grid_spacing = resampled_geometry(canonical.with_shape(region.shape), on_grid.shape).spacing
-                self._filter(on_grid, grid_spacing, self.settings.fine_min_volume_mm3)
+                self._filter(on_grid, grid_spacing, stage)
                 labels = resize_label(torch.from_numpy(on_grid).to(self.device), region.shape, "per_label")
                 labels = labels.cpu().numpy()
                 np.copyto(target, labels, where=labels > 0)
-                timings.lap("fine", self.device)
+                timings.lap(step, self.device)
         label, _ = from_canonical(labels_c, plan)
         timings.lap("postprocess", self.device)
         return np.ascontiguousarray(label)
@@ -133,10 +149,8 @@ class Predictor:
         found = self.roi.label_map(volume, canonical.spacing, regions=True).cpu().numpy()
         # a region merged from several labels (the ROI of a cascade) has as many parts as it has: no count limit
         grouped = {group[0]: EVERY_LARGE_COMPONENT for group in self.roi.groups if len(group) > 1}
-        self._filter(
-            found, resampled_geometry(canonical, found.shape).spacing, self.settings.coarse_min_volume_mm3, grouped
-        )
-        timings.lap("coarse", self.device)
+        self._filter(found, resampled_geometry(canonical, found.shape).spacing, self.roi, grouped)
+        timings.lap(self.steps.roi, self.device)
         box = foreground_box(found)
         if box is not None:
             box = box_to_source(box, found.shape, canonical.shape)
@@ -144,6 +158,34 @@ class Predictor:
         timings.lap("box", self.device)
         return box
 
-    def _filter(self, labels: np.ndarray, spacing, min_volume_mm3: float, extra: dict | None = None) -> None:
-        per_label = {**(self.settings.keep_components_per_label or {}), **(extra or {})}
-        keep_components(labels, spacing, min_volume_mm3, self.settings.keep_components, per_label)
+    def _filter(self, labels: np.ndarray, spacing, stage: StageModel, extra: dict | None = None) -> None:
+        """Keep the components `stage`'s rule keeps (predict.postprocess.<name>, else the shorthand keys)."""
+        rule = self.rules[stage]
+        per_label = {**rule.keep_components_per_label, **(extra or {})}
+        keep_components(labels, spacing, rule.min_volume_mm3, rule.keep_components, per_label)
+
+
+@dataclass(frozen=True)
+class StepNames:
+    """The timing steps of a chain, in order: read, the ROI stage, box, each segmenting stage, postprocess, write.
+    A stage's step is its name (train.stage); a name that comes twice gets _2, _3..."""
+
+    roi: str | None
+    segmenters: tuple[str, ...]
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        middle = (self.roi, "box") if self.roi is not None else ()
+        return ("read", *middle, *self.segmenters, "postprocess", "write")
+
+
+def _step_names(stages: list[StageModel], roi_first: bool) -> StepNames:
+    names, seen = [], {"read", "box", "postprocess", "write"}
+    for stage in stages:
+        name, k = stage.name, 1
+        while name in seen:
+            k += 1
+            name = f"{stage.name}_{k}"
+        seen.add(name)
+        names.append(name)
+    return StepNames(names[0], tuple(names[1:])) if roi_first else StepNames(None, tuple(names))

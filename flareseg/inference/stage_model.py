@@ -43,6 +43,8 @@ class StageModel:
         path = Path(checkpoint)
         trained = TrainedStage.load(path)
         self.path, self.config = path, trained.config
+        self.name = trained.name  # the stage it was trained as: its timing column and predict.postprocess key
+        self.region = trained.grid.region  # volume (it learned whole volumes) or labels (label boxes)
         self.model = trained.network().to(device)
         self.device, self.overlap = device, overlap
         self.input_size = trained.input_size
