@@ -106,7 +106,7 @@ def main() -> None:
         root = args.out or Path(tmp)
         data = prepare(root, args.tiny, args.labeled)
         cps = [
-            "semi_supervised.enabled=true",
+            "train.method=cps",
             "semi_supervised.unlabeled_batch_size=2",
             f"semi_supervised.weight={args.weight}",
             f"semi_supervised.rampup_epochs={args.rampup}",

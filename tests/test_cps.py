@@ -40,7 +40,7 @@ def _config(data: Path, out: Path, *extra: str):
             "model.dropout=0",
             "model.channels=[4,8,8,16,16]",
             "model.input_size=[32,32,32]",
-            "semi_supervised.enabled=true",
+            "train.method=cps",
             "semi_supervised.unlabeled_batch_size=1",
             *extra,
         ],

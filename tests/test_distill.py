@@ -42,7 +42,7 @@ def _overrides(data: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
         "train.batch_size=1",
         "train.epochs=1",
         "model.dropout=0",
-        "distill.enabled=true",
+        "train.method=distill",
         f"distill.teacher={teacher}",
         *extra,
     ]
@@ -117,3 +117,21 @@ def test_flareseg_train_distils_end_to_end_and_resumes(setup, tmp_path):
     assert main([*args, "--set", "train.epochs=2"]) == 0  # resumes from checkpoint_latest.pt, running Dice included
     state = load_checkpoint(tmp_path / LATEST)
     assert state["epoch"] == 2 and state["loss"]["dice_updates"].tolist() == [2, 2, 2]
+
+
+def test_each_training_method_has_its_trainer_and_one_switch():
+    from typing import get_args, get_type_hints
+
+    from flareseg.config.schema import TrainConfig
+    from flareseg.engine.run import trainer_class
+
+    methods = get_args(get_type_hints(TrainConfig)["method"])
+    assert {method: trainer_class(method).__name__ for method in methods} == {
+        "supervised": "Trainer",
+        "cps": "CrossPseudoSupervisionTrainer",
+        "distill": "DistillationTrainer",
+    }
+    with pytest.raises(ConfigError, match="'train.method' is distill but 'distill.teacher' names no checkpoint"):
+        load_config(None, ["train.method=distill"])
+    with pytest.raises(ConfigError, match=r"'semi_supervised.enabled'; it is now train.method \(cps\)"):
+        load_config(None, ["semi_supervised.enabled=true"])

@@ -248,6 +248,8 @@ class TrainConfig:
     MOVED_KEYS: ClassVar[dict[str, str]] = {"fine_margin_jitter_mm": "train.margin_jitter_mm"}
 
     stage: str = "fine"  # the stage: the name of the prepared grid it learns on (coarse, fine, roi, organs, ...)
+    # how: supervised; cps (cross pseudo supervision, settings in semi_supervised); distill (from distill.teacher)
+    method: Literal["supervised", "cps", "distill"] = "supervised"
     data: Path | None = None  # prepared folder (holding index.lmdb); null = prepare.out
     out: Path | None = None  # run folder: checkpoints, logs, curves, config.yaml
     fold: int = 0  # split of the index to train on; -1 = every labeled case, no validation
@@ -310,9 +312,11 @@ class TrainConfig:
 
 @dataclass
 class SemiSupervisedConfig:
-    """Cross pseudo supervision (FLARE22 SemiSeg-CSSN): two networks teach each other on unlabeled cases."""
+    """Cross pseudo supervision (FLARE22 SemiSeg-CSSN, train.method: cps): two networks teach each other on
+    unlabeled cases."""
 
-    enabled: bool = False  # train two networks with cross pseudo supervision instead of one
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"enabled": "train.method (cps)"}
+
     unlabeled_batch_size: int = 2  # unlabeled samples per step and process, beside train.batch_size labeled ones
     weight: float = 1.0  # lambda: weight of the pseudo-label loss (reference 1.0)
     rampup_epochs: int = 0  # lambda rises as exp(-5 (1 - t)^2) over these epochs (0 = constant, the reference)
@@ -327,16 +331,16 @@ class SemiSupervisedConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation: a trained teacher's soft outputs train this (usually smaller) student."""
+    """Knowledge distillation (train.method: distill): a trained teacher's soft outputs train this (usually
+    smaller) student."""
 
-    enabled: bool = False  # add the distillation term to the supervised loss
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"enabled": "train.method (distill)"}
+
     teacher: Path | None = None  # teacher checkpoint (same labels; any architecture)
     weight: float = 0.5  # alpha: loss = (1 - alpha) SegLoss(labels) + alpha T^2 BCE(student / T, sigmoid(teacher / T))
     temperature: float = 2.0  # T: softens both sigmoids
 
     def validate(self, prefix: str = "distill.") -> None:
-        if self.enabled and self.teacher is None:
-            raise ConfigError(f"'{prefix}enabled' is true but '{prefix}teacher' names no checkpoint")
         if not 0.0 <= self.weight <= 1.0:
             raise ConfigError(f"'{prefix}weight' must be in [0, 1], got {self.weight}")
         if self.temperature <= 0:
@@ -435,8 +439,8 @@ class Config:
         self.train.validate()
         self.semi_supervised.validate()
         self.distill.validate()
-        if self.distill.enabled and self.semi_supervised.enabled:
-            raise ConfigError("'distill.enabled' and 'semi_supervised.enabled' cannot both be true")
+        if self.train.method == "distill" and self.distill.teacher is None:
+            raise ConfigError("'train.method' is distill but 'distill.teacher' names no checkpoint")
         self.predict.validate()
         for source, target in (self.prepare.label_map or {}).items():
             if target > len(self.data.labels):

@@ -111,7 +111,7 @@ class CrossPseudoSupervisionTrainer(Trainer):
     def _restore_extra(self, state: dict) -> None:
         what = f"'train.resume': {self.out_dir / LATEST}"
         if "model_b" not in state or "optimizer_b" not in state:
-            raise CheckpointError(f"{what} was written by a run without semi_supervised.enabled: {FRESH_START}")
+            raise CheckpointError(f"{what} was written by a run with another train.method than cps: {FRESH_START}")
         load_weights(self.model_b, state["model_b"], f"{what} (net B)")
         load_optimizer_state(self.optimizer_b, state["optimizer_b"], f"{what} (net B)")
 

@@ -44,21 +44,18 @@ def train(config: Config) -> list[dict]:
         context = setup_distributed(config.train.device)
         try:
             with _hold_run_folder(run_folder(config), context):
-                return _trainer_class(config)(config, context).fit()
+                return trainer_class(config.train.method)(config, context).fit()
         finally:
             cleanup_distributed()
 
 
-def _trainer_class(config: Config) -> type[Trainer]:
-    if config.semi_supervised.enabled:
-        from flareseg.engine.cps import CrossPseudoSupervisionTrainer
+def trainer_class(method: str) -> type[Trainer]:
+    """The trainer of a train.method: Trainer, or a subclass that overrides its extension points."""
+    from flareseg.engine.cps import CrossPseudoSupervisionTrainer
+    from flareseg.engine.distill import DistillationTrainer
 
-        return CrossPseudoSupervisionTrainer
-    if config.distill.enabled:
-        from flareseg.engine.distill import DistillationTrainer
-
-        return DistillationTrainer
-    return Trainer
+    methods = {"supervised": Trainer, "cps": CrossPseudoSupervisionTrainer, "distill": DistillationTrainer}
+    return methods[method]
 
 
 @contextmanager
