@@ -12,10 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from flareseg import __version__
+from flareseg.cli_parser import DEBUG_ENV, build_parser
 from flareseg.config import Config, ConfigError, load_config, set_value, to_plain
 
-DEBUG_ENV = "FLARESEG_DEBUG"  # 1: print the traceback of any error (the same as --debug)
 # A user's mistake (a wrong path, a file that is no image, a bad setting, a folder in use): one line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 
@@ -23,13 +22,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 def main(argv: Sequence[str] | None = None) -> int:
     """The `flareseg` command. Exit status: 0 done, 1 some case failed (or an unexpected error), 2 a usage error,
     130 interrupted. Errors are one line on stderr; --debug or FLARESEG_DEBUG=1 adds the traceback."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
-        return args.run(args)
+        return globals()[f"_run_{args.run}"](args)  # the handler the sub-command names (cli_parser)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one place that turns errors into a line
         if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()
@@ -60,209 +58,6 @@ def run_stage(command: str, default_config: Path, argv: Sequence[str] | None = N
     if not any(arg == "--config" or arg.startswith("--config=") for arg in args):
         args = ["--config", str(default_config), *args]
     return main([command, *args])
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flareseg", description="Fast coarse-to-fine abdominal CT segmentation.")
-    parser.add_argument("--version", action="version", version=f"flareseg {__version__}")
-    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an error (also {DEBUG_ENV}=1)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    flags = _SharedFlags()
-    for add_command in (
-        _add_prepare,
-        _add_phantoms,
-        _add_train,
-        _add_predict,
-        _add_pseudo_label,
-        _add_overlay,
-        _add_evaluate,
-        _add_select_unlabeled,
-        _add_summary,
-        _add_export,
-        _add_demo,
-        _add_show_config,
-    ):
-        add_command(commands, flags)
-    for command in commands.choices.values():  # also after the command, as the stage scripts pass it
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
-
-
-class _SharedFlags:
-    """The flags several sub-commands take, each defined once (argparse parent parsers)."""
-
-    def __init__(self):
-        self.config = argparse.ArgumentParser(add_help=False)
-        self.config.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
-        self.config.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override one config key, e.g. --set prepare.workers=4 (repeatable)",
-        )
-        self.quiet = argparse.ArgumentParser(add_help=False)
-        self.quiet.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        self.checkpoints = argparse.ArgumentParser(add_help=False)  # the trained stages a predictor runs
-        self.checkpoints.add_argument("--coarse", metavar="CKPT", help="coarse checkpoint (predict.coarse)")
-        self.checkpoints.add_argument("--fine", metavar="CKPT", help="fine checkpoint (predict.fine)")
-        self.predictor = argparse.ArgumentParser(add_help=False, parents=[self.checkpoints])
-        self.predictor.add_argument(
-            "--stages",
-            nargs="+",
-            metavar="CKPT",
-            help="a chain instead: ROI checkpoint, then segmenters (predict.stages)",
-        )
-        self.predictor.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
-
-
-def _add_prepare(commands, flags: _SharedFlags) -> None:
-    prepare = commands.add_parser(
-        "prepare", parents=[flags.config, flags.quiet], help="prepare arrays and the LMDB index"
-    )
-    prepare.add_argument("-i", "--images", help="folder of <case>_0000 images (prepare.images)")
-    prepare.add_argument("-l", "--labels", help="folder of <case> label maps (prepare.labels)")
-    prepare.add_argument("-u", "--unlabeled", help="folder of unlabeled <case>_0000 images (prepare.unlabeled)")
-    prepare.add_argument("-o", "--out", help="output folder (prepare.out)")
-    prepare.add_argument("-w", "--workers", type=int, help="worker processes (prepare.workers)")
-    prepare.add_argument("--overwrite", action="store_true", default=None, help="redo every case (prepare.overwrite)")
-    prepare.set_defaults(run=_run_prepare)
-
-
-def _add_phantoms(commands, flags: _SharedFlags) -> None:
-    phantoms = commands.add_parser("phantoms", help="write a synthetic CT phantom dataset (imagesTr/, labelsTr/)")
-    phantoms.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    phantoms.add_argument("-n", "--num-cases", type=int, default=8, help="labeled cases (default 8)")
-    phantoms.add_argument("--unlabeled", type=int, default=0, help="extra unlabeled cases in unlabeled/")
-    phantoms.add_argument("--seed", type=int, default=0)
-    phantoms.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="voxels (default: realistic)")
-    phantoms.add_argument("--lesions", action="store_true", help="add lesions (label 14)")
-    phantoms.add_argument("--partial", action="store_true", help="keep only some organs annotated")
-    phantoms.add_argument("--orientation", default="random", choices=("identity", "ras", "random", "oblique"))
-    phantoms.set_defaults(run=_run_phantoms)
-
-
-def _add_train(commands, flags: _SharedFlags) -> None:
-    train = commands.add_parser(
-        "train", parents=[flags.config], help="train one stage (coarse or fine); torchrun-aware"
-    )
-    train.add_argument("--device", help="auto, cpu, cuda, cuda:N (train.device)")
-    train.set_defaults(run=_run_train)
-
-
-def _add_predict(commands, flags: _SharedFlags) -> None:
-    predict = commands.add_parser(
-        "predict", parents=[flags.config, flags.predictor, flags.quiet], help="segment every image of a folder"
-    )
-    predict.add_argument("-i", "--input", type=Path, required=True, help="folder of <case>_0000 images or DICOM series")
-    predict.add_argument("-o", "--output", type=Path, required=True, help="folder for <case> label maps")
-    predict.add_argument(
-        "--png", action="store_true", default=None, help="also write <case>.png overlays (predict.png)"
-    )
-    predict.set_defaults(run=_run_predict)
-
-
-def _add_pseudo_label(commands, flags: _SharedFlags) -> None:
-    pseudo = commands.add_parser(
-        "pseudo-label",
-        parents=[flags.config, flags.predictor, flags.quiet],
-        help="fill the organs that partial labels lack with a teacher's labels (the teacher: --coarse/--fine/--stages)",
-    )
-    pseudo.add_argument("-i", "--images", type=Path, required=True, metavar="DIR", help="<case>_0000 images")
-    pseudo.add_argument("-l", "--labels", type=Path, required=True, metavar="DIR", help="<case> partial label maps")
-    pseudo.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="fused label maps, annotated.json")
-    pseudo.add_argument(
-        "--annotated", type=Path, metavar="FILE.json", help="{case: [label ids]} (default: LABELS/annotated.json)"
-    )
-    pseudo.set_defaults(run=_run_pseudo_label)
-
-
-def _add_overlay(commands, flags: _SharedFlags) -> None:
-    overlay = commands.add_parser("overlay", help="PNG of axial and coronal slices with label contours")
-    overlay.add_argument("--image", type=Path, required=True, help="CT image file or DICOM folder")
-    overlay.add_argument("--label", type=Path, required=True, help="label map on the image's grid (e.g. a prediction)")
-    overlay.add_argument("--gt", type=Path, help="ground-truth label map, drawn dashed")
-    overlay.add_argument("-o", "--out", type=Path, required=True, help="output .png")
-    overlay.set_defaults(run=_run_overlay)
-
-
-def _add_evaluate(commands, flags: _SharedFlags) -> None:
-    evaluate = commands.add_parser("evaluate", help="Dice and NSD of predicted label maps (FLARE protocol)")
-    evaluate.add_argument("--gt", type=Path, required=True, metavar="DIR", help="ground-truth <case>.nii.gz files")
-    evaluate.add_argument("--pred", type=Path, required=True, metavar="DIR", help="predicted <case>.nii.gz files")
-    evaluate.add_argument("--out", type=Path, required=True, metavar="FILE.csv", help="per-case CSV (+ summary .json)")
-    evaluate.add_argument(
-        "--preset",
-        default="flare22",
-        choices=("flare22", "flare23", "flare21", "lesion"),
-        help="flare22: 13 organs; flare23: and lesions apart; flare21: 4 organs at 1 mm; lesion: label 14 only",
-    )
-    evaluate.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    evaluate.set_defaults(run=_run_evaluate)
-
-
-def _add_select_unlabeled(commands, flags: _SharedFlags) -> None:
-    uif = commands.add_parser(
-        "select-unlabeled",
-        parents=[flags.config, flags.checkpoints, flags.quiet],
-        help="rank unlabeled cases by reliability (UIF; --fine is the final fine checkpoint)",
-    )
-    uif.add_argument("-i", "--images", type=Path, required=True, help="folder of unlabeled <case>_0000 images")
-    uif.add_argument("-o", "--out", type=Path, required=True, help="output JSON (selected cases and every score)")
-    uif.add_argument("--intermediate", nargs="+", required=True, help="intermediate fine checkpoints")
-    uif.add_argument("--threshold", type=float, default=0.9, help="keep cases scoring above this (default 0.9)")
-    uif.add_argument("--top", type=int, help="keep at most this many, most reliable first")
-    uif.add_argument("--expected", type=int, nargs="+", help="label ids every kept case must show (default: all)")
-    uif.set_defaults(run=_run_select_unlabeled)
-
-
-def _add_summary(commands, flags: _SharedFlags) -> None:
-    summary = commands.add_parser(
-        "summary", parents=[flags.config], help="parameters, multiply-adds, forward time, memory"
-    )
-    summary.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    summary.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    summary.add_argument("--repeats", type=_positive_int, default=3, help="timed forward passes (median reported)")
-    summary.set_defaults(run=_run_summary)
-
-
-def _add_export(commands, flags: _SharedFlags) -> None:
-    export = commands.add_parser("export", parents=[flags.config], help="write the model as TorchScript and/or ONNX")
-    export.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    export.add_argument("--weights", type=Path, help="state dict or checkpoint to load (default: random init)")
-    export.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=("torchscript", "onnx"))
-    export.set_defaults(run=_run_export)
-
-
-def _add_demo(commands, flags: _SharedFlags) -> None:
-    demo = commands.add_parser(
-        "demo",
-        parents=[flags.quiet],
-        help="the whole pipeline on synthetic phantoms: prepare, train, predict, evaluate, report (no data)",
-    )
-    demo.add_argument("--out", type=Path, default=Path("flareseg_demo"), help="output folder (default ./flareseg_demo)")
-    demo.add_argument(
-        "--minutes", type=float, default=10.0, help="total wall time to aim for; training gets what the rest leaves"
-    )
-    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (CUDA if present)")
-    demo.set_defaults(run=_run_demo)
-
-
-def _add_show_config(commands, flags: _SharedFlags) -> None:
-    show = commands.add_parser("config", parents=[flags.config], help="print the resolved config as YAML")
-    show.set_defaults(run=_run_show_config)
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (a usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _config_from(args: argparse.Namespace, flags: dict[str, object]) -> Config:

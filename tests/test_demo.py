@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flareseg import cli
+from flareseg.cli_parser import build_parser
 from flareseg.demo import ORGANS, SMOKE_SETTINGS, run_demo
 from flareseg.io import read_image
 
@@ -114,4 +115,4 @@ def test_cli_passes_its_options(monkeypatch, tmp_path):
     monkeypatch.setattr("flareseg.demo.run_demo", lambda *args, **kwargs: calls.append((args, kwargs)))
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--minutes", "2.5", "--device", "cpu", "-q"]) == 0
     assert calls == [((Path(tmp_path / "d"), 2.5), {"device": "cpu", "progress": False})]
-    assert cli._build_parser().parse_args(["demo"]).out == Path("flareseg_demo")
+    assert build_parser().parse_args(["demo"]).out == Path("flareseg_demo")
