@@ -69,21 +69,7 @@ def run_demo(
         flush=True,
     )
 
-    with clock.phase("phantoms", "writing synthetic CT phantoms") as note:
-        train_ids, test_ids, written = make_phantoms(out / "phantoms", settings)
-        shape = "x".join(map(str, settings.shape))
-        note.append(
-            f"{len(train_ids)} training + {len(test_ids)} held-out ({shape} voxels, random spacing and axis order)"
-            if written
-            else "already there, reused"
-        )
-    with clock.phase("prepare", "preparing the training phantoms") as note:
-        if not written and _prepared(out, train_ids):
-            note.append("already prepared, reused")
-        else:
-            summary = prepare(out, settings, progress)
-            note.append(f"{len(summary.prepared)} cases")
-
+    train_ids, test_ids = _phantoms_and_prepared_data(out, settings, clock, progress)
     histories = {}
     for stage in ("coarse", "fine"):
         left = 60.0 * minutes - clock.elapsed() - settings.reserve_seconds
@@ -112,6 +98,29 @@ def run_demo(
         flush=True,
     )
     return DemoResult(out, summary, phases, report)
+
+
+def _phantoms_and_prepared_data(
+    out: Path, settings: DemoSettings, clock: _Clock, progress: bool
+) -> tuple[list[str], list[str]]:
+    """The first two phases: the phantoms and their prepared folder, each reused when a rerun finds it complete.
+    Returns the training and held-out case ids."""
+    with clock.phase("phantoms", "writing synthetic CT phantoms") as note:
+        train_ids, test_ids, written = make_phantoms(out / "phantoms", settings)
+        shape = "x".join(map(str, settings.shape))
+        note.append(
+            f"{len(train_ids)} training + {len(test_ids)} held-out ({shape} voxels, random spacing and axis order)"
+            if written
+            else "already there, reused"
+        )
+    with clock.phase("prepare", "preparing the training phantoms") as note:
+        if not written and _prepared(out, train_ids):
+            note.append("already prepared, reused")
+        else:
+            summary = prepare(out, settings, progress)
+            note.append(f"{len(summary.prepared)} cases")
+
+    return train_ids, test_ids
 
 
 # ------------------------------------------------------------------------------------------------------------------

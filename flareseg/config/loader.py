@@ -68,21 +68,8 @@ def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
             hint = _suggest(str(value), [str(a) for a in args], "", quote=True)
             raise ConfigError(f"'{key}' must be one of {choices}, got {value!r}{hint}")
         return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}' expects a list ({_type_name(kind)}), got {_describe(value)}")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"'{key}' expects {len(args)} values ({_type_name(kind)}), got {len(value)}: {value!r}")
-        item_types = [args[0]] * len(value) if (origin is list or args[-1] is Ellipsis) else list(args)
-        items = [coerce(t, v, base_dir, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' expects a mapping, got {_describe(value)}")
-        key_type, value_type = args
-        return {
-            coerce(key_type, k, base_dir, key): coerce(value_type, v, base_dir, f"{key}.{k}") for k, v in value.items()
-        }
+    if origin in (tuple, list, dict):
+        return _coerce_container(kind, value, base_dir, key)
     if kind is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"'{key}' expects a path (a string), got {_describe(value)}")
@@ -109,6 +96,25 @@ def coerce(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
             raise ConfigError(f"'{key}' expects a string, got {_describe(value)}")
         return value
     raise TypeError(f"config schema type {kind!r} of '{key}' is not supported")
+
+
+def _coerce_container(kind: Any, value: Any, base_dir: Path, key: str) -> Any:
+    """A list, tuple or dict value, item by item."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' expects a mapping, got {_describe(value)}")
+        key_type, value_type = args
+        return {
+            coerce(key_type, k, base_dir, key): coerce(value_type, v, base_dir, f"{key}.{k}") for k, v in value.items()
+        }
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"'{key}' expects a list ({_type_name(kind)}), got {_describe(value)}")
+    if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+        raise ConfigError(f"'{key}' expects {len(args)} values ({_type_name(kind)}), got {len(value)}: {value!r}")
+    item_types = [args[0]] * len(value) if (origin is list or args[-1] is Ellipsis) else list(args)
+    items = [coerce(t, v, base_dir, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+    return tuple(items) if origin is tuple else items
 
 
 def apply_override(config: Any, assignment: str, base_dir: Path) -> None:

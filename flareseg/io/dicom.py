@@ -66,21 +66,7 @@ def check_slice_positions(folder: Path, names: list[str], positions: np.ndarray,
 
     `positions` (n, 3): ImagePositionPatient in mm; `orientations` (n, 6): ImageOrientationPatient.
     """
-    differs = np.abs(orientations - orientations[0]).max(axis=1) > COSINE_TOLERANCE
-    if differs.any():
-        others = np.flatnonzero(differs)
-        raise ImageReadError(
-            folder,
-            f"its DICOM series mixes slice orientations: {_list(names, others)} "
-            f"{'has' if others.size == 1 else 'have'} ImageOrientationPatient "
-            f"{_cosines(orientations[others[0]])} where {names[0]} has {_cosines(orientations[0])}",
-        )
-    normal = np.cross(orientations[0, :3], orientations[0, 3:])
-    if not 0.99 < np.linalg.norm(normal) < 1.01:  # row and column cosines must be orthogonal unit vectors
-        raise ImageReadError(
-            folder, f"its DICOM file {names[0]} has an invalid ImageOrientationPatient {_cosines(orientations[0])}"
-        )
-    normal /= np.linalg.norm(normal)
+    normal = _slice_normal(folder, names, orientations)
     along = positions @ normal  # mm along the slice normal
     order = np.argsort(along, kind="stable")
     sorted_steps = np.diff(along[order])
@@ -125,6 +111,26 @@ def check_slice_positions(folder: Path, names: list[str], positions: np.ndarray,
             f"its DICOM slices shift sideways along the series (gantry tilt?): {names[k]} lies {off[k]:.3f} mm "
             f"off the slice normal through {names[0]}; ITK's grid cannot place such slices",
         )
+
+
+def _slice_normal(folder: Path, names: list[str], orientations: np.ndarray) -> np.ndarray:
+    """The unit normal shared by every slice's ImageOrientationPatient; ImageReadError when they differ or are
+    not orthogonal unit vectors."""
+    differs = np.abs(orientations - orientations[0]).max(axis=1) > COSINE_TOLERANCE
+    if differs.any():
+        others = np.flatnonzero(differs)
+        raise ImageReadError(
+            folder,
+            f"its DICOM series mixes slice orientations: {_list(names, others)} "
+            f"{'has' if others.size == 1 else 'have'} ImageOrientationPatient "
+            f"{_cosines(orientations[others[0]])} where {names[0]} has {_cosines(orientations[0])}",
+        )
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    if not 0.99 < np.linalg.norm(normal) < 1.01:  # row and column cosines must be orthogonal unit vectors
+        raise ImageReadError(
+            folder, f"its DICOM file {names[0]} has an invalid ImageOrientationPatient {_cosines(orientations[0])}"
+        )
+    return normal / np.linalg.norm(normal)
 
 
 def _numbers(folder: Path, reader: sitk.ImageSeriesReader, index: int, tag: str, count: int, name: str) -> list:
