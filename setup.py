@@ -24,6 +24,7 @@ setup(
     extras_require={
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         "openvino": ["openvino>=2025.0", "onnx>=1.16", "onnxscript>=0.3"],
+        "dicom": ["highdicom>=0.22", "rt-utils>=1.2.7"],  # DICOM-SEG and RTSTRUCT outputs
         "test": [
             "pytest>=7",
             "surface-distance>=0.1",
@@ -31,6 +32,8 @@ setup(
             "onnxscript>=0.3",
             "onnxruntime>=1.18",
             "openvino>=2025.0",
+            "highdicom>=0.22",
+            "rt-utils>=1.2.7",
         ],
         "dev": ["pytest>=7", "ruff>=0.5", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },

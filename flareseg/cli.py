@@ -118,14 +118,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from flareseg.inference.batch import TIMING_FILE, predict_folder
+    from flareseg.inference.batch import predict_folder
 
     flags = {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
-    config = _config_from(args, {**flags, "predict.stages": args.stages, "predict.png": args.png})
-    summary = predict_folder(config, args.input, args.output, progress=not args.quiet)
+    flags |= {"predict.stages": args.stages, "predict.png": args.png, "predict.output_format": args.output_format}
+    flags |= {"predict.statistics": args.statistics, "predict.labels": args.labels, "predict.overwrite": args.overwrite}
+    config = _config_from(args, flags)
+    summary = predict_folder(config, args.input, args.output, progress=not args.quiet, part=args.part, parts=args.parts)
+    done = f", already done {len(summary.done_before)}" if summary.done_before else ""
     print(
-        f"predicted {len(summary.predicted)}, failed {len(summary.failed)} -> {args.output} "
-        f"(time and memory per case in {TIMING_FILE})"
+        f"predicted {len(summary.predicted)}{done}, failed {len(summary.failed)} in {summary.seconds:.1f} s "
+        f"({summary.cases_per_hour:.0f} cases/hour) -> {args.output} (time and memory per case in "
+        f"{summary.timing_file.name})"
     )
     return 0 if summary.ok else 1
 
@@ -169,7 +173,9 @@ def _run_overlay(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from flareseg.evaluation import evaluate_folder, format_summary
 
-    _, summary = evaluate_folder(args.gt, args.pred, preset=args.preset, workers=args.workers, out=args.out)
+    _, summary = evaluate_folder(
+        args.gt, args.pred, preset=args.preset, workers=args.workers, out=args.out, metrics=args.metrics
+    )
     print(format_summary(summary))
     print(f"{summary['cases']} cases -> {args.out} and {args.out.with_suffix('.json')}")
     if summary["missing_predictions"]:

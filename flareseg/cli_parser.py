@@ -111,6 +111,26 @@ def _add_predict(commands, flags: _SharedFlags) -> None:
     predict.add_argument(
         "--png", action="store_true", default=None, help="also write <case>.png overlays (predict.png)"
     )
+    predict.add_argument(
+        "--output-format",
+        nargs="+",
+        choices=("nifti", "dicom-seg", "rtstruct"),
+        help="what to write per case (predict.output_format; DICOM ones from DICOM series input)",
+    )
+    predict.add_argument(
+        "--statistics",
+        action="store_true",
+        default=None,
+        help="also per-label volume, HU and position: <case>_statistics.json, statistics.csv (predict.statistics)",
+    )
+    predict.add_argument(
+        "--labels", type=_label_list, help="write only these labels, e.g. liver,spleen or 1,3 (predict.labels)"
+    )
+    predict.add_argument(
+        "--overwrite", action="store_true", default=None, help="predict cases whose outputs exist (predict.overwrite)"
+    )
+    predict.add_argument("--part", type=int, default=0, help="this process's shard, 0..PARTS-1 (default 0)")
+    predict.add_argument("--parts", type=_positive_int, default=1, help="shards the folder is split into (default 1)")
     predict.set_defaults(run="predict")
 
 
@@ -139,7 +159,7 @@ def _add_overlay(commands, flags: _SharedFlags) -> None:
 
 
 def _add_evaluate(commands, flags: _SharedFlags) -> None:
-    evaluate = commands.add_parser("evaluate", help="Dice and NSD of predicted label maps (FLARE protocol)")
+    evaluate = commands.add_parser("evaluate", help="Dice and NSD (FLARE protocol), HD95, HD of predicted label maps")
     evaluate.add_argument("--gt", type=Path, required=True, metavar="DIR", help="ground-truth <case>.nii.gz files")
     evaluate.add_argument("--pred", type=Path, required=True, metavar="DIR", help="predicted <case>.nii.gz files")
     evaluate.add_argument("--out", type=Path, required=True, metavar="FILE.csv", help="per-case CSV (+ summary .json)")
@@ -150,6 +170,13 @@ def _add_evaluate(commands, flags: _SharedFlags) -> None:
         help="flare22: 13 organs; flare23: and lesions apart; flare21: 4 organs at 1 mm; lesion: label 14 only",
     )
     evaluate.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    evaluate.add_argument(
+        "--metrics",
+        nargs="+",
+        default=["dsc", "nsd"],
+        choices=("dsc", "nsd", "hd95", "hd"),
+        help="CSV columns and summary (default dsc nsd); hd95, hd: Hausdorff distances in mm, empty if one mask is",
+    )
     evaluate.set_defaults(run="evaluate")
 
 
@@ -203,6 +230,14 @@ def _add_demo(commands, flags: _SharedFlags) -> None:
 def _add_show_config(commands, flags: _SharedFlags) -> None:
     show = commands.add_parser("config", parents=[flags.config], help="print the resolved config as YAML")
     show.set_defaults(run="show_config")
+
+
+def _label_list(text: str) -> list[str | int]:
+    """`liver,spleen` or `1,3` (or both): label names and ids."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expects label names or ids separated by commas, got {text!r}")
+    return [int(item) if item.isdigit() else item for item in items]
 
 
 def _positive_int(text: str) -> int:

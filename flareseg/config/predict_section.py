@@ -49,6 +49,13 @@ class PredictConfig:
     keep_components_per_label: dict[int, int] | None = None  # by label id, e.g. {2: 2}; 0 = keep all (lesions)
     # per stage, by its name (its checkpoint's train.stage), e.g. {lesion: {min_volume_mm3: 0}}: overrides the above
     postprocess: dict[str, PostprocessConfig] = field(default_factory=dict)
+    # what is written per case: nifti (<case> as the input's format; .nii.gz for DICOM), dicom-seg (<case>_seg.dcm),
+    # rtstruct (<case>_rtstruct.dcm); the DICOM ones need a DICOM series as input and the dicom extra
+    output_format: list[Literal["nifti", "dicom-seg", "rtstruct"]] = field(default_factory=lambda: ["nifti"])
+    labels: list[str | int] | None = None  # write only these labels (names or ids); null = all; the models still run
+    statistics: bool = False  # also <case>_statistics.json per case and statistics.csv per folder
+    overwrite: bool = False  # predict every case again; false: a rerun skips cases whose outputs are all there
+    read_ahead: bool = True  # read the next case and write the last one while the networks run (one case ahead)
     window_overlap: float = 0.25  # fixed-spacing stages: overlap of the sliding-window patches (fraction per axis)
     png: bool = False  # also write <case>.png: axial and coronal slices with the predicted contours
 
@@ -59,6 +66,12 @@ class PredictConfig:
             raise ConfigError(f"'{prefix}window_overlap' must be in [0, 1), got {self.window_overlap}")
         if self.stages is not None and not self.stages:
             raise ConfigError(f"'{prefix}stages' must list at least one checkpoint (or be null)")
+        if not self.output_format or len(set(self.output_format)) != len(self.output_format):
+            raise ConfigError(
+                f"'{prefix}output_format' lists nifti, dicom-seg, rtstruct (each once), got {self.output_format}"
+            )
+        if self.labels is not None and not self.labels:
+            raise ConfigError(f"'{prefix}labels' names at least one label (or is null for all)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"'{prefix}threads' must be >= 1 (or null), got {self.threads}")
         for key in ("margin_mm", "coarse_min_volume_mm3", "fine_min_volume_mm3"):

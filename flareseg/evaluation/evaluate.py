@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -16,7 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from flareseg.atomic import atomic_write_text
-from flareseg.evaluation.protocol import Preset, Score, get_preset, score_case, summarize
+from flareseg.evaluation.metrics import HD_PERCENTS
+from flareseg.evaluation.protocol import (
+    DEFAULT_METRICS,
+    Preset,
+    Score,
+    check_metrics,
+    get_preset,
+    score_case,
+    summarize,
+)
 from flareseg.io import ImageReadError, read_image
 from flareseg.io.folders import find_labels
 from flareseg.processes import tie_to_process
@@ -24,8 +34,10 @@ from flareseg.workers import worker_context
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("case", "label", "organ", "dsc", "nsd")
+CSV_COLUMNS = ("case", "label", "organ", "dsc", "nsd")  # with the default metrics; asked ones follow "organ"
 SPACING_RTOL = 1e-4  # headers store spacing as float32; closer than this is the same grid
+HEADERS = {"dsc": "DSC", "nsd": "NSD", "hd95": "HD95 mm", "hd": "HD mm"}  # of the printed summary
+WIDTHS = {"dsc": 8, "nsd": 8, "hd95": 10, "hd": 10}
 
 
 @dataclass
@@ -44,16 +56,20 @@ def evaluate_folder(
     preset: str | Preset = "flare22",
     workers: int = 2,
     out: str | os.PathLike | None = None,
+    metrics: Iterable[str] = DEFAULT_METRICS,
 ) -> tuple[list[Score], dict]:
-    """Dice and NSD of every case of `gt_dir` against the file of the same case id in `pred_dir`.
+    """The `metrics` (default Dice and NSD) of every case of `gt_dir` against the file of that case in `pred_dir`.
 
+    metrics: any of dsc, nsd, hd95, hd (Hausdorff distances in mm; the surfaces are computed once for NSD and both).
     A missing prediction counts as an empty one. A prediction that cannot be read or whose grid (shape, spacing)
     differs from its ground truth, two files for one case, or a broken link fails that case alone; failed cases are
     left out of the means and listed under "failures". Cases run in `workers` processes. With `out` (a .csv path),
-    the long table case,label,organ,dsc,nsd is written there and the summary beside it (same stem, .json).
+    the long table case,label,organ,<metrics> is written there (an undefined HD, one mask empty, is an empty cell)
+    and the summary beside it (same stem, .json; mean and std per structure, see protocol.summarize).
     Returns (scores, summary).
     """
     preset = get_preset(preset)
+    metrics = check_metrics(metrics)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if out is not None and Path(out).is_dir():  # checked before the work, not when writing its result
@@ -64,12 +80,12 @@ def evaluate_folder(
     gt_files, gt_problems, pred_files, pred_problems = gt.paths, dict(gt.problems), pred.paths, dict(pred.problems)
     cases = sorted({*gt_files, *gt_problems})
     problems = {**{case: pred_problems[case] for case in cases if case in pred_problems}, **gt_problems}
-    jobs = [(case, gt_files[case], pred_files.get(case), preset) for case in cases if case not in problems]
+    jobs = [(case, gt_files[case], pred_files.get(case), preset, metrics) for case in cases if case not in problems]
     outcomes = {outcome.case: outcome for outcome in _run_all(jobs, workers)}
     outcomes.update({case: CaseOutcome(case, error=message) for case, message in problems.items()})
 
     scores = [score for case in cases for score in outcomes[case].scores]
-    summary = summarize(scores, preset)
+    summary = summarize(scores, preset, metrics)
     summary["missing_predictions"] = [case for case in cases if outcomes[case].missing_prediction]
     summary["unmatched_predictions"] = sorted({*pred_files, *pred_problems} - set(cases))
     summary["failures"] = {case: outcomes[case].error for case in cases if outcomes[case].error}
@@ -79,24 +95,38 @@ def evaluate_folder(
         logger.warning("%s: not evaluated: %s", case, error)
     if out is not None:
         out = Path(out)
-        _write_atomic(out, _csv_text(scores))
+        _write_atomic(out, _csv_text(scores, metrics))
         _write_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     return scores, summary
 
 
 def format_summary(summary: dict) -> str:
-    """A short table: one line per organ (mean DSC, mean NSD), the mean of the organ means, the lesions apart."""
+    """A short table: one line per organ (mean and std of each metric), the mean of the organ means, lesions apart.
+
+    Under it, for HD95 and HD, the structures with cases left out of the means because one mask was empty.
+    """
+    metrics = summary.get("metrics", DEFAULT_METRICS)
+
+    def number(value: float | None, width: int) -> str:
+        return f"{value:.4f}".rjust(width) if value is not None else "-".rjust(width)
 
     def line(name: str, entry: dict) -> str:
-        values = [f"{entry[key]:.4f}" if entry[key] is not None else "-" for key in ("dsc", "nsd")]
-        return f"{name:<22}{values[0]:>8}{values[1]:>8}"
+        cells = (number(entry[m], WIDTHS[m]) + number(entry.get(f"{m}_std"), WIDTHS[m]) for m in metrics)
+        return f"{name:<22}" + "".join(cells)
 
-    lines = [f"{'organ':<22}{'DSC':>8}{'NSD':>8}"]
+    lines = [f"{'organ':<22}" + "".join(HEADERS[m].rjust(WIDTHS[m]) + "std".rjust(WIDTHS[m]) for m in metrics)]
     lines += [line(name, entry) for name, entry in summary["organs"].items()]
     if summary["organs"]:
         lines.append(line("mean", summary["mean"]))
+    entries = dict(summary["organs"])
     if summary.get("lesion") is not None:
         lines.append(line("lesion", summary["lesion"]))
+        entries["lesion"] = summary["lesion"]
+    for metric in (m for m in metrics if m in HD_PERCENTS):
+        key = f"{metric}_undefined"
+        left_out = [f"{name} {entry[key]}" for name, entry in entries.items() if entry[key]]
+        if left_out:
+            lines.append(f"{HEADERS[metric]}: cases with one mask empty, left out of the means: {', '.join(left_out)}")
     return "\n".join(lines)
 
 
@@ -129,7 +159,9 @@ def _run_pool(jobs: list[tuple], workers: int):
     return []
 
 
-def _evaluate_case(case: str, gt_path: Path, pred_path: Path | None, preset: Preset) -> CaseOutcome:
+def _evaluate_case(
+    case: str, gt_path: Path, pred_path: Path | None, preset: Preset, metrics: tuple[str, ...] = DEFAULT_METRICS
+) -> CaseOutcome:
     """Score one case; any error becomes a one-line reason so that one bad case never stops the others."""
     try:
         gt, gt_geometry = read_image(gt_path)
@@ -145,7 +177,7 @@ def _evaluate_case(case: str, gt_path: Path, pred_path: Path | None, preset: Pre
                     error=f"{pred_path} (shape {pred_geometry.shape}, spacing {pred_geometry.spacing}) is not on the "
                     f"grid of {gt_path} (shape {gt_geometry.shape}, spacing {gt_geometry.spacing}); (z, y, x) order",
                 )
-        scores = score_case(gt, pred, gt_geometry.spacing, preset, case=case)
+        scores = score_case(gt, pred, gt_geometry.spacing, preset, case=case, metrics=metrics)
         return CaseOutcome(case, scores, missing_prediction=pred_path is None)
     except ImageReadError as error:  # already names the file
         return CaseOutcome(case, error=str(error))
@@ -161,12 +193,17 @@ def _init_worker(main_pid: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _csv_text(scores: list[Score]) -> str:
+def _csv_text(scores: list[Score], metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows((s.case, s.label, s.organ, f"{s.dsc:.4f}", f"{s.nsd:.4f}") for s in scores)
+    writer.writerow((*CSV_COLUMNS[:3], *metrics))
+    writer.writerows((s.case, s.label, s.organ, *(_csv_value(s.value(name)) for name in metrics)) for s in scores)
     return buffer.getvalue()
+
+
+def _csv_value(value: float | None) -> str:
+    """4 decimals; an undefined value (NaN: a Hausdorff distance with one mask empty) is an empty cell."""
+    return "" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

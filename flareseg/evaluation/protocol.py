@@ -1,5 +1,9 @@
 """The FLARE evaluation protocols: which structures, which NSD tolerances, the slice rule, rounding and the summary.
 
+Besides the FLARE metrics (DSC, NSD) the Hausdorff distances HD95 and HD can be asked for; their rules for empty
+masks are in metrics.structure_metrics (both empty: 0 mm; one empty: NaN, left out of the summary's means and
+counted).
+
 Label maps are [z, y, x] arrays (as flareseg.io.read_image gives them), so axis 0 is the axial slice axis; the
 official scripts index the NIfTI's last axis, which is the same axis.
 """
@@ -7,15 +11,17 @@ official scripts index the NIfTI's last axis, which is the same axis.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from flareseg.evaluation.metrics import dice_and_nsd
+from flareseg.evaluation.metrics import BOTH_EMPTY, HD_PERCENTS, METRICS, structure_metrics
 
 DECIMALS = 4  # per-case values are rounded like the official scripts do
+DEFAULT_METRICS = ("dsc", "nsd")
 
 
 @dataclass(frozen=True)
@@ -54,13 +60,25 @@ class Preset:
 
 @dataclass(frozen=True)
 class Score:
-    """Dice and NSD of one structure in one case, rounded to 4 decimals."""
+    """The metrics of one structure in one case, rounded to 4 decimals; None for a metric that was not asked.
+
+    hd95 and hd are in mm and NaN when exactly one of the two masks is empty (undefined; see
+    metrics.structure_metrics). NaN is not equal to itself: compare such scores field by field.
+    """
 
     case: str
     label: int
     organ: str
-    dsc: float
-    nsd: float
+    dsc: float | None
+    nsd: float | None
+    hd95: float | None = None
+    hd: float | None = None
+
+    def value(self, metric: str) -> float | None:
+        """The value of one metric by name (dsc, nsd, hd95, hd)."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
+        return getattr(self, metric)
 
 
 FLARE22_ORGANS = (
@@ -117,14 +135,34 @@ def get_preset(name: str | Preset) -> Preset:
     return PRESETS[name]
 
 
-def score_case(
-    gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], preset: str | Preset = "flare22", case: str = ""
-) -> list[Score]:
-    """Dice and NSD of every structure of the preset for one pair of [z, y, x] label maps on one grid.
+def check_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
+    """The asked metrics in the order of METRICS (dsc, nsd, hd95, hd), without repeats; an unknown name is an error."""
+    asked = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not asked:
+        raise ValueError(f"no metric asked (choose from {', '.join(METRICS)})")
+    for name in asked:
+        if name not in METRICS:
+            close = difflib.get_close_matches(str(name), METRICS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown metric '{name}' (choose from {', '.join(METRICS)}){hint}")
+    return tuple(name for name in METRICS if name in asked)
 
-    spacing: voxel size in mm along (z, y, x), that of the ground truth. Values are rounded to 4 decimals.
+
+def score_case(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    spacing: Sequence[float],
+    preset: str | Preset = "flare22",
+    case: str = "",
+    metrics: Iterable[str] = DEFAULT_METRICS,
+) -> list[Score]:
+    """The `metrics` (default Dice and NSD) of every structure of the preset for one pair of [z, y, x] label maps.
+
+    spacing: voxel size in mm along (z, y, x), that of the ground truth. Values are rounded to 4 decimals. HD95 and
+    HD follow the same crops as DSC and NSD (the slice rule included); the surfaces are computed once for all three.
     """
     preset = get_preset(preset)
+    metrics = check_metrics(metrics)
     gt, pred = _as_labels(gt, "ground truth"), _as_labels(pred, "prediction")
     if gt.shape != pred.shape or gt.ndim != 3:
         raise ValueError(f"label maps must be 3D and of one shape, got {gt.shape} and {pred.shape}")
@@ -144,39 +182,65 @@ def score_case(
             stop = min(box[0].stop, gt_box[0].stop - 1)
             box = (slice(first, max(first, stop)), *box[1:])
         if box is None:
-            dsc, nsd = 1.0, 1.0
+            values = {name: BOTH_EMPTY[name] for name in metrics}
         else:
-            dsc, nsd = dice_and_nsd(
-                _mask(gt[box], target.sources), _mask(pred[box], target.sources), spacing, target.tolerance_mm
+            values = structure_metrics(
+                _mask(gt[box], target.sources), _mask(pred[box], target.sources), spacing, target.tolerance_mm, metrics
             )
-        scores.append(Score(case, target.label, target.name, _round(dsc), _round(nsd)))
+        rounded = {name: _round(values[name]) if name in values else None for name in METRICS}
+        scores.append(Score(case, target.label, target.name, **rounded))
     return scores
 
 
-def summarize(scores: Iterable[Score], preset: str | Preset = "flare22") -> dict:
-    """Per-structure means over cases, the mean of the organ means (lesions excluded) and the lesion means apart."""
+def summarize(scores: Iterable[Score], preset: str | Preset = "flare22", metrics: Iterable[str] | None = None) -> dict:
+    """Per-structure mean and standard deviation over cases of every metric, the organ means' mean, lesions apart.
+
+    metrics: those to summarize; by default the ones the scores hold. Per structure: "<metric>" (the mean over
+    cases), "<metric>_std" (the sample standard deviation, ddof=1; None under two values) and, for hd95 and hd,
+    "<metric>_undefined" (the cases where exactly one mask was empty: NaN, left out of the mean and std). "mean":
+    the mean of the organ means and "<metric>_std", the sample standard deviation over cases of each case's mean over
+    the organs (undefined HDs left out).
+    """
     preset = get_preset(preset)
     scores = list(scores)
+    if metrics is None:
+        metrics = [name for name in METRICS if any(score.value(name) is not None for score in scores)]
+        metrics = metrics or DEFAULT_METRICS
+    metrics = check_metrics(metrics)
     by_label: dict[int, list[Score]] = {}
     for score in scores:
         by_label.setdefault(score.label, []).append(score)
 
-    def means(target: Target) -> dict:
+    def entry(target: Target) -> dict:
         rows = by_label.get(target.label, [])
-        return {
-            "label": target.label,
-            "dsc": _mean(s.dsc for s in rows),
-            "nsd": _mean(s.nsd for s in rows),
-            "cases": len(rows),
-        }
+        result: dict = {"label": target.label}
+        for name in metrics:
+            values = [score.value(name) for score in rows]
+            defined = [value for value in values if value is not None and not math.isnan(value)]
+            result[name], result[f"{name}_std"] = _mean(defined), _std(defined)
+            if name in HD_PERCENTS:
+                result[f"{name}_undefined"] = sum(value is not None and math.isnan(value) for value in values)
+        result["cases"] = len(rows)
+        return result
 
-    organs = {target.name: means(target) for target in preset.organs}
-    lesions = {target.name: means(target) for target in preset.lesions}
+    organs = {target.name: entry(target) for target in preset.organs}
+    lesions = {target.name: entry(target) for target in preset.lesions}
+    organ_labels = {target.label for target in preset.organs}
+    mean: dict = {}
+    for name in metrics:
+        mean[name] = _mean(value for value in (organs[o][name] for o in organs) if value is not None)
+        by_case: dict[str, list[float]] = {}
+        for score in scores:
+            value = score.value(name)
+            if score.label in organ_labels and value is not None and not math.isnan(value):
+                by_case.setdefault(score.case, []).append(value)
+        mean[f"{name}_std"] = _std(float(np.mean(values)) for values in by_case.values())
     return {
         "preset": preset.name,
+        "metrics": list(metrics),
         "cases": len({s.case for s in scores}),
         "organs": organs,
-        "mean": {key: _mean(entry[key] for entry in organs.values()) for key in ("dsc", "nsd")},
+        "mean": mean,
         "lesion": lesions.get(LESION.name),
     }
 
@@ -220,3 +284,9 @@ def _round(value: float) -> float:
 def _mean(values: Iterable[float]) -> float | None:
     values = list(values)
     return float(np.mean(values)) if values else None
+
+
+def _std(values: Iterable[float]) -> float | None:
+    """Sample standard deviation (ddof=1, as pandas and most papers report it); None under two values."""
+    values = list(values)
+    return float(np.std(values, ddof=1)) if len(values) >= 2 else None

@@ -10,6 +10,9 @@ use for their NSD; this is an independent implementation of it that gives the sa
    one mask to the nearest border block of the other is an exact Euclidean distance transform in millimetres.
 3. Surface Dice at tolerance t = (area of the GT surfels within t of the predicted surface + area of the predicted
    surfels within t of the GT surface) / (GT surface area + predicted surface area).
+4. The robust Hausdorff distance at p % (HD95 at 95, the Hausdorff distance at 100) comes from the same distances:
+   per direction, the smallest distance whose cumulative surfel area reaches p % of that surface, then the larger
+   of the two directions.
 """
 
 from __future__ import annotations
@@ -189,6 +192,31 @@ def surface_dice_at_tolerance(distances: SurfaceDistances, tolerance_mm: float) 
     close_gt = distances.areas_gt[distances.distances_gt_to_pred <= tolerance_mm].sum()
     close_pred = distances.areas_pred[distances.distances_pred_to_gt <= tolerance_mm].sum()
     return float((close_gt + close_pred) / total)
+
+
+def robust_hausdorff(distances: SurfaceDistances, percent: float) -> float:
+    """The `percent` percentile Hausdorff distance (mm): 95 gives HD95, 100 the Hausdorff distance.
+
+    As the reference package's compute_robust_hausdorff: for each direction, the distance below which `percent` %
+    of that surface's area lies (surfels weighted by their area, not counted), then the larger of the two. Infinite
+    when a mask is empty, both empty included (no FLARE-style rules here; see metrics.hausdorff for those).
+    """
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent must be in [0, 100], got {percent}")
+    return max(
+        _percentile_distance(distances.distances_gt_to_pred, distances.areas_gt, percent),
+        _percentile_distance(distances.distances_pred_to_gt, distances.areas_pred, percent),
+    )
+
+
+def _percentile_distance(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
+    if distances.size == 0:
+        return float("inf")
+    order = np.lexsort((areas, distances))  # the reference's order: by distance, then by area
+    sorted_areas = areas[order]
+    cumulative = np.cumsum(sorted_areas) / np.sum(sorted_areas)
+    index = int(np.searchsorted(cumulative, percent / 100.0))
+    return float(distances[order[min(index, distances.size - 1)]])
 
 
 def surface_dice(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:

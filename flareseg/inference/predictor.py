@@ -101,6 +101,7 @@ class Predictor:
                     f"{self.segmenters[0].label_names}: the segmenting stages must share data.labels"
                 )
         self.labels = self.segmenters[0].label_names  # names of the output label ids 1..N
+        self.written = _label_subset(settings.labels, self.labels)  # a 256-entry table of the ids to write, or None
 
     def predict_file(self, image_path: str | os.PathLike, out_path: str | os.PathLike) -> CaseTimings:
         """Segment one image file or DICOM folder and write the label map (uint8) atomically to `out_path`."""
@@ -137,6 +138,8 @@ class Predictor:
                 labels = labels.cpu().numpy()
                 np.copyto(target, labels, where=labels > 0)
                 timings.lap(step, self.device)
+        if self.written is not None:  # predict.labels: the other labels are not written (the models ran as trained)
+            labels_c = self.written[labels_c]
         label, _ = from_canonical(labels_c, plan)
         timings.lap("postprocess", self.device)
         return np.ascontiguousarray(label)
@@ -163,6 +166,20 @@ class Predictor:
         rule = self.rules[stage]
         per_label = {**rule.keep_components_per_label, **(extra or {})}
         keep_components(labels, spacing, rule.min_volume_mm3, rule.keep_components, per_label)
+
+
+def _label_subset(wanted: list[str | int] | None, names: list[str]) -> np.ndarray | None:
+    """A lookup table keeping the label ids `wanted` names (by name or id) and zeroing the others."""
+    if wanted is None:
+        return None
+    table = np.zeros(256, dtype=np.uint8)
+    for item in wanted:
+        label_id = names.index(item) + 1 if item in names else item
+        if not isinstance(label_id, int) or not 1 <= label_id <= len(names):
+            known = ", ".join(f"{k + 1} {name}" for k, name in enumerate(names))
+            raise ValueError(f"predict.labels names {item!r}, which the stages do not write (their labels: {known})")
+        table[label_id] = label_id
+    return table
 
 
 @dataclass(frozen=True)
