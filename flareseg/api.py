@@ -9,6 +9,7 @@ Each call loads the networks; to segment many cases, use `flareseg predict` (or 
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def segment(
     from flareseg.config import set_value
     from flareseg.inference.predictor import Predictor
 
-    config = config if isinstance(config, Config) else load_config(config)
+    config = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)  # the caller's stays
     overrides = {"coarse": coarse, "fine": fine, "stages": stages, "device": device, "labels": labels}
     for key, value in overrides.items():
         if value is None:

@@ -221,7 +221,8 @@ def predict(out: Path, device: str, progress: bool = True) -> list[dict]:
     `write_predict_config` leaves for users; returns the timing.csv rows."""
     from flareseg.inference.batch import TIMING_FILE, predict_folder
 
-    config = load_config(write_predict_config(out), [f"predict.device={device}"])
+    # the networks were (re)trained by this run: every held-out case is predicted again
+    config = load_config(write_predict_config(out), [f"predict.device={device}", "predict.overwrite=true"])
     summary = predict_folder(config, out / "phantoms" / "imagesTs", out / "predictions", progress=progress)
     if not summary.ok:
         raise RuntimeError(f"prediction failed: {'; '.join(message for _, message in summary.failed)}")

@@ -28,6 +28,7 @@ SCRIPTS = {
     "bench_backends.py": "speed-up",
     "compare_nnunet.py": "flareseg",
     "bench_read.py": "added s",
+    "bench_cohort.py": "cases/hour",
     "compare_precision.py": "differs from torch fp32",
 }
 NEEDS_OPENVINO = {"compare_precision.py"}
@@ -44,6 +45,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]
         command = [sys.executable, str(BENCH / script), "--tiny"]
         if script == "compare_nnunet.py":  # whatever venv this machine has: the missing-venv path, n/a for nnU-Net
             command += ["--nnunet-venv", str(folder / "no-venv"), "--work", str(folder / "work")]
+        if script in ("bench_predict.py", "compare_nnunet.py"):  # OpenVINO's runs: bench_backends, compare_precision
+            command += ["--backend", "torch"]
         env = {**os.environ, "FLARESEG_CACHE_DIR": str(folder / "cache")}
         return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env), folder
 

@@ -12,6 +12,7 @@ import pytest
 
 import flareseg
 from flareseg.cli import main
+from flareseg.config import load_config
 from flareseg.data.phantom import make_phantom
 from flareseg.inference.statistics import label_statistics
 from flareseg.io import Geometry, read_image, write_image
@@ -54,7 +55,7 @@ def test_statistics_match_a_direct_numpy_computation(dtype):
 @pytest.fixture
 def cohort(tmp_path) -> Path:
     images = tmp_path / "images"
-    for k in range(4):
+    for k in range(3):
         phantom = make_phantom(k, shape=(24, 40, 40), orientation="identity")
         write_image(images / f"case{k}_0000.nii.gz", phantom.image, phantom.geometry)
     return images
@@ -63,7 +64,8 @@ def cohort(tmp_path) -> Path:
 def _run(checkpoints, images: Path, out: Path, *extra: str) -> int:
     coarse, fine = checkpoints
     args = ["predict", "-i", str(images), "-o", str(out), "--coarse", str(coarse), "--fine", str(fine), "-q"]
-    return main([*args, "--set", "predict.backend=torch", "--set", "predict.coarse_min_volume_mm3=0", *extra])
+    common = ["--set", "predict.backend=torch", "--set", "predict.keep_components_per_label={2: 2}"]
+    return main([*args, *common, "--set", "predict.coarse_min_volume_mm3=0", *extra])
 
 
 def _rows(path: Path) -> list[dict]:
@@ -75,22 +77,22 @@ def test_a_rerun_resumes_keeps_every_runs_rows_and_refuses_other_settings(checkp
     out = tmp_path / "out"
     assert _run(checkpoints, cohort, out) == 0
     first = {path.name: path.stat().st_mtime_ns for path in out.glob("case*.nii.gz")}
-    assert len(first) == 4
+    assert len(first) == 3
     (out / "case2.nii.gz").unlink()  # a case that was not finished
     capsys.readouterr()
     assert _run(checkpoints, cohort, out) == 0
-    assert "predicted 1, already done 3, failed 0" in capsys.readouterr().out
+    assert "predicted 1, already done 2, failed 0" in capsys.readouterr().out
     assert {name: (out / name).stat().st_mtime_ns for name in first if name != "case2.nii.gz"} == {
         name: time for name, time in first.items() if name != "case2.nii.gz"
     }  # the finished cases were not written again
     rows = _rows(out / "timing.csv")
-    assert [row["case"] for row in rows] == ["case0", "case1", "case2", "case3", "case2"]
+    assert [row["case"] for row in rows] == ["case0", "case1", "case2", "case2"]
     assert len({row["run"] for row in rows}) <= 2 and all(row["status"] == "ok" for row in rows)
     # other settings would mix two models' outputs in one folder: refused, until --overwrite
     assert _run(checkpoints, cohort, out, "--set", "predict.margin_mm=5") == 2
     assert "holds predictions made with other settings (predict.margin_mm differ" in capsys.readouterr().err
     assert _run(checkpoints, cohort, out, "--set", "predict.margin_mm=5", "--overwrite") == 0
-    assert "predicted 4, failed 0" in capsys.readouterr().out
+    assert "predicted 3, failed 0" in capsys.readouterr().out
 
 
 def test_shards_split_the_cohort_and_overlap_changes_nothing(checkpoints, cohort, tmp_path):
@@ -100,8 +102,8 @@ def test_shards_split_the_cohort_and_overlap_changes_nothing(checkpoints, cohort
     for part in (0, 1):
         assert _run(checkpoints, cohort, shards, "--part", str(part), "--parts", "2") == 0
     parts = [{row["case"] for row in _rows(shards / f"timing_part{k}of2.csv")} for k in (0, 1)]
-    assert parts == [{"case0", "case2"}, {"case1", "case3"}]  # disjoint, deterministic, together all cases
-    for k in range(4):  # the overlapped pipeline writes what one-at-a-time does
+    assert parts == [{"case0", "case2"}, {"case1"}]  # disjoint, deterministic, together all cases
+    for k in range(3):  # the overlapped pipeline writes what one-at-a-time does
         a, geometry_a = read_image(one / f"case{k}.nii.gz")
         b, geometry_b = read_image(shards / f"case{k}.nii.gz")
         assert np.array_equal(a, b) and geometry_a == geometry_b
@@ -114,7 +116,7 @@ def test_statistics_subsets_and_failures_in_the_pipeline(checkpoints, cohort, tm
     assert _run(checkpoints, cohort, out, "--statistics", "--labels", "liver,3") == 1
     err = capsys.readouterr().err
     assert err.count("failed: ") == 1 and "broken_0000.nii.gz" in err
-    for k in range(4):
+    for k in range(3):
         label, _ = read_image(out / f"case{k}.nii.gz")
         assert set(np.unique(label).tolist()) <= {0, 1, 3}  # kidney (2) is not written
         figures = json.loads((out / f"case{k}_statistics.json").read_text())
@@ -122,7 +124,7 @@ def test_statistics_subsets_and_failures_in_the_pipeline(checkpoints, cohort, tm
         for name, stats in figures.items():
             assert stats["voxels"] == int((label == stats["label"]).sum()), name
     table = _rows(out / "statistics.csv")
-    assert {row["case"] for row in table} <= {f"case{k}" for k in range(4)} and table
+    assert {row["case"] for row in table} <= {f"case{k}" for k in range(3)} and table
     assert _run(checkpoints, cohort, tmp_path / "bad", "--labels", "heart") == 2
     assert "predict.labels names 'heart'" in capsys.readouterr().err
     # DICOM outputs need a DICOM series: every image file fails alone, with the reason
@@ -134,7 +136,7 @@ def test_segment_in_one_call(checkpoints, tmp_path):
     coarse, fine = checkpoints
     phantom = make_phantom(1, shape=(24, 40, 40), orientation="ras")
     path = write_image(tmp_path / "ct.nii.gz", phantom.image, phantom.geometry)
-    common = {"coarse": coarse, "fine": fine, "device": "cpu"}
+    common = {"coarse": coarse, "fine": fine, "device": "cpu", "config": load_config(None, ["predict.backend=torch"])}
     result = flareseg.segment(path, tmp_path / "labels.nii.gz", statistics=True, **common)
     written, geometry = read_image(tmp_path / "labels.nii.gz")
     assert np.array_equal(written, result.label) and result.geometry == geometry == read_image(path)[1]
@@ -143,3 +145,4 @@ def test_segment_in_one_call(checkpoints, tmp_path):
     same = flareseg.segment((phantom.image, phantom.geometry), labels=["liver"], **common)
     assert set(np.unique(same.label).tolist()) <= {0, 1} and same.statistics is None
     assert np.array_equal(same.label == 1, result.label == 1)
+    assert common["config"].predict.labels is None and common["config"].predict.coarse is None  # not the caller's

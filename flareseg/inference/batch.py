@@ -77,9 +77,10 @@ def predict_folder(
         raise NotADirectoryError(f"{out_dir}: is a file; the output must be a folder")
     found = find_images(input_dir, exclude=out_dir)
     settings = config.predict
+    fingerprint = _check_settings(out_dir, config)  # before loading the networks: a refusal costs nothing
     predictor = Predictor(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim_folder(out_dir, config)
+    atomic_write_text(out_dir / SETTINGS_FILE, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     remove_stale_temporaries(out_dir)
     save_config(config, out_dir)
     summary = PredictSummary(out_dir, timing_file=out_dir / _shard_name(TIMING_FILE, part, parts))
@@ -215,10 +216,14 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
-def _claim_folder(out_dir: Path, config: Config) -> None:
-    """Record the settings the folder's predictions are made with; refuse to resume with others."""
+def _check_settings(out_dir: Path, config: Config) -> dict:
+    """The settings this run's predictions are made with; a ConfigError when the folder holds predictions made with
+    others (unless predict.overwrite)."""
     settings = _fingerprint(config)
     path = out_dir / SETTINGS_FILE
+    checkpoints = config.predict.stages or [config.predict.coarse, config.predict.fine]
+    if len(settings["checkpoint files"]) < len(checkpoints):  # a missing checkpoint: the predictor says so
+        return settings
     if path.is_file() and not config.predict.overwrite:
         try:
             stored = json.loads(path.read_text())
@@ -230,7 +235,7 @@ def _claim_folder(out_dir: Path, config: Config) -> None:
                 f"{out_dir} holds predictions made with other settings ({', '.join(changed) or 'unreadable'} "
                 f"differ, see {SETTINGS_FILE}): use --overwrite to predict every case again, or another -o folder"
             )
-    atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    return settings
 
 
 def _fingerprint(config: Config) -> dict:
@@ -238,10 +243,12 @@ def _fingerprint(config: Config) -> dict:
     predict = {key: value for key, value in to_plain(config.predict).items() if key not in RUNTIME_KEYS}
     paths = config.predict.stages or [config.predict.coarse, config.predict.fine]
     files = []
-    for path in paths:
-        info = Path(path).stat()
-        files.append([str(Path(path).resolve()), info.st_size, info.st_mtime_ns])
-    return {**{f"predict.{key}": value for key, value in predict.items()}, "checkpoint files": files}
+    for path in paths:  # a missing one is the predictor's to report, with its own message
+        if path is not None and Path(path).is_file():
+            info = Path(path).stat()
+            files.append([str(Path(path).resolve()), info.st_size, info.st_mtime_ns])
+    settings = {**{f"predict.{key}": value for key, value in predict.items()}, "checkpoint files": files}
+    return json.loads(json.dumps(settings))  # as the file stores it (JSON: mapping keys become strings)
 
 
 def _share(items: list, part: int, parts: int) -> list:
