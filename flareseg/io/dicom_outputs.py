@@ -374,7 +374,7 @@ def write_series_with_uids(series_folder: str | os.PathLike, out_folder: str | o
     try:
         import pydicom  # noqa: F401
     except ImportError as error:
-        raise DicomExtraMissing(f"copying a DICOM series needs the dicom extra: {EXTRA_HINT}") from error
+        raise DicomExtraMissing(f"copying a DICOM series needs the dicom extra: {EXTRA_HINT} ({error})") from error
     series = _read_series(series_folder)
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -472,7 +472,7 @@ def _import_highdicom():
         import pydicom  # noqa: F401 - highdicom's own dependency, named for the message
         from pydicom.sr.codedict import codes
     except ImportError as error:
-        raise DicomExtraMissing(f"DICOM-SEG output needs the dicom extra: {EXTRA_HINT}") from error
+        raise DicomExtraMissing(f"DICOM-SEG output needs the dicom extra: {EXTRA_HINT} ({error})") from error
     return highdicom, codes
 
 
@@ -481,5 +481,5 @@ def _import_rt_utils():
         import pydicom  # noqa: F401
         from rt_utils import RTStructBuilder
     except ImportError as error:
-        raise DicomExtraMissing(f"RTSTRUCT output needs the dicom extra: {EXTRA_HINT}") from error
+        raise DicomExtraMissing(f"RTSTRUCT output needs the dicom extra: {EXTRA_HINT} ({error})") from error
     return RTStructBuilder
