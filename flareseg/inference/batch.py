@@ -129,9 +129,7 @@ def _predict_case(predictor, case, read, pipeline, row, summary, statistics) -> 
         label = predictor.predict_array(image, geometry, timings)
 
         def write() -> None:
-            figures, notes = case.write(label, image, geometry, predictor.labels)
-            for note in notes:
-                tqdm.write(f"note: {note}", file=sys.stderr)
+            figures = case.write(label, image, geometry, predictor.labels)
             if figures is not None:
                 statistics[case.case_id] = figures
 

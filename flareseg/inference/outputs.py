@@ -60,11 +60,10 @@ class CaseOutputs:
                 "file; use --output-format nifti for it"
             )
 
-    def write(
-        self, label: np.ndarray, image: np.ndarray, geometry: Geometry, names: list[str]
-    ) -> tuple[dict | None, list[str]]:
-        """Write every output; returns the statistics (when asked) and notes for the log (generated DICOM UIDs)."""
-        notes, figures = [], None
+    def write(self, label: np.ndarray, image: np.ndarray, geometry: Geometry, names: list[str]) -> dict | None:
+        """Write every output; returns the statistics (when asked). The DICOM writers log what the user must know
+        (UIDs they generated, an empty map that wrote nothing)."""
+        figures = None
         if "nifti" in self.paths:
             write_image(self.paths["nifti"], label, geometry)
         for kind in ("dicom-seg", "rtstruct"):
@@ -72,9 +71,7 @@ class CaseOutputs:
                 from flareseg.io import dicom_outputs
 
                 writer = dicom_outputs.write_dicom_seg if kind == "dicom-seg" else dicom_outputs.write_rtstruct
-                report = writer(label, self.image, self.paths[kind], names, geometry=geometry)
-                if report.generated_uids or report.path is None:  # made-up UIDs; nothing to write for no label
-                    notes.append(f"{self.paths[kind]}: {report.message}")
+                writer(label, self.image, self.paths[kind], names, geometry=geometry)
         if "statistics" in self.paths:
             from flareseg.inference.statistics import label_statistics
 
@@ -84,4 +81,4 @@ class CaseOutputs:
             from flareseg.visualize import overlay_png
 
             overlay_png(image, geometry, label, self.paths["png"], names=names)
-        return figures, notes
+        return figures
