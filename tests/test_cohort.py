@@ -125,6 +125,9 @@ def test_statistics_subsets_and_failures_in_the_pipeline(checkpoints, cohort, tm
             assert stats["voxels"] == int((label == stats["label"]).sum()), name
     table = _rows(out / "statistics.csv")
     assert {row["case"] for row in table} <= {f"case{k}" for k in range(3)} and table
+    (out / "case1.nii.gz").unlink()  # a rerun predicts case1 alone: the folder's table keeps every case's rows
+    assert _run(checkpoints, cohort, out, "--statistics", "--labels", "liver,3") == 1
+    assert _rows(out / "statistics.csv") == table
     assert _run(checkpoints, cohort, tmp_path / "bad", "--labels", "heart") == 2
     assert "predict.labels names 'heart'" in capsys.readouterr().err
     # DICOM outputs need a DICOM series: every image file fails alone, with the reason

@@ -88,9 +88,9 @@ def predict_folder(
     for case_id, problem in _share(found.problems, part, parts):  # two images for one case, a broken link
         _fail(summary, {"case": case_id, "run": run}, problem)
     cases = [CaseOutputs.plan(case_id, image, out_dir, settings) for case_id, image in found.paths.items()]
-    todo = []
+    todo, shard = [], _share(cases, part, parts)
     inputs = {path.resolve() for path in found.paths.values()}
-    for case in _share(cases, part, parts):
+    for case in shard:
         if any(path.resolve() in inputs for path in case.paths.values()):  # an input linked into the output folder
             message = f"{case.image}: its prediction would overwrite an input image in {out_dir}"
             _fail(summary, {"case": case.case_id, "run": run}, message)
@@ -98,25 +98,29 @@ def predict_folder(
             summary.done_before.append(case.case_id)
         else:
             todo.append(case)
-    statistics: dict[str, dict] = {}
     start = time.perf_counter()
     with _Pipeline(settings.read_ahead) as pipeline, _progress(len(todo), progress) as bar:
         for case, read in pipeline.cases(todo):
             row = {"case": case.case_id, "run": run, "status": "ok", "message": ""}
-            _predict_case(predictor, case, read, pipeline, row, summary, statistics)
+            _predict_case(predictor, case, read, pipeline, row, summary)
             bar.update(1)
             bar.set_postfix(failed=len(summary.failed), refresh=False)
         pipeline.finish()  # the last case's outputs are written before the CSVs say it is done
     summary.seconds = time.perf_counter() - start
     _append_rows(summary.timing_file, summary.rows, predictor.steps.all)
-    if settings.statistics and statistics:
+    if settings.statistics:  # every case of the shard with statistics, those of earlier runs included
         from flareseg.inference.statistics import write_statistics_csv
 
-        write_statistics_csv(out_dir / _shard_name(STATISTICS_FILE, part, parts), statistics)
+        per_case = {
+            case.case_id: json.loads(case.paths["statistics"].read_text())
+            for case in shard
+            if case.paths["statistics"].is_file()
+        }
+        write_statistics_csv(out_dir / _shard_name(STATISTICS_FILE, part, parts), per_case)
     return summary
 
 
-def _predict_case(predictor, case, read, pipeline, row, summary, statistics) -> None:
+def _predict_case(predictor, case, read, pipeline, row, summary) -> None:
     """One case: its read (done ahead), the networks, and its outputs handed to the writer."""
     reset_peak_memory(torch.device("cpu"))
     if predictor.device.type == "cuda":
@@ -129,9 +133,7 @@ def _predict_case(predictor, case, read, pipeline, row, summary, statistics) -> 
         label = predictor.predict_array(image, geometry, timings)
 
         def write() -> None:
-            figures = case.write(label, image, geometry, predictor.labels)
-            if figures is not None:
-                statistics[case.case_id] = figures
+            case.write(label, image, geometry, predictor.labels)
 
         pipeline.write(case, write, row, summary, timings)
         row.update({step: round(timings.steps.get(step, 0.0), 4) for step in predictor.steps.all if step != "write"})
