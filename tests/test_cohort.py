@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,12 @@ def test_a_rerun_resumes_keeps_every_runs_rows_and_refuses_other_settings(checkp
     }  # the finished cases were not written again
     rows = _rows(out / "timing.csv")
     assert [row["case"] for row in rows] == ["case0", "case1", "case2", "case2"]
+    later = (out / "case0.nii.gz").stat().st_mtime_ns + 10**9
+    os.utime(cohort / "case0_0000.nii.gz", ns=(later, later))  # an input replaced after its prediction: redone
+    assert _run(checkpoints, cohort, out) == 0
+    assert "predicted 1, already done 2, failed 0" in capsys.readouterr().out
+    assert (out / "case0.nii.gz").stat().st_mtime_ns > first["case0.nii.gz"]
+    rows = _rows(out / "timing.csv")[:4]
     assert len({row["run"] for row in rows}) <= 2 and all(row["status"] == "ok" for row in rows)
     # other settings would mix two models' outputs in one folder: refused, until --overwrite
     assert _run(checkpoints, cohort, out, "--set", "predict.margin_mm=5") == 2

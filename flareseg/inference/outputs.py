@@ -48,8 +48,13 @@ class CaseOutputs:
 
     @property
     def complete(self) -> bool:
-        """Whether every output is there (atomic writes: present means complete)."""
-        return all(path.is_file() for path in self.paths.values())
+        """Whether every output is there (atomic writes: present means complete) and newer than the input: an
+        input replaced after its prediction was written is predicted again, never left with a stale output."""
+        try:
+            written = min(path.stat().st_mtime_ns for path in self.paths.values())
+        except (FileNotFoundError, ValueError):  # an output missing (or none asked)
+            return False
+        return written >= _newest_change(self.image)
 
     def check_input(self) -> None:
         """DICOM outputs reference the source series: a ValueError naming the input when it is no DICOM folder."""
@@ -82,3 +87,15 @@ class CaseOutputs:
 
             overlay_png(image, geometry, label, self.paths["png"], names=names)
         return figures
+
+
+def _newest_change(image: Path) -> int:
+    """The last modification of an input: the file's, or the newest of a DICOM folder's files (and the folder's own,
+    which changes when files are added or removed)."""
+    try:
+        times = [image.stat().st_mtime_ns]
+        if image.is_dir():
+            times += [entry.stat().st_mtime_ns for entry in image.iterdir() if entry.is_file()]
+    except OSError:  # gone or unreadable: predicting it again reports why
+        return 2**63
+    return max(times)
