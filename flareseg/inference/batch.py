@@ -135,7 +135,7 @@ def _predict_case(predictor, case, read, pipeline, row, summary) -> None:
         def write() -> None:
             case.write(label, image, geometry, predictor.labels)
 
-        pipeline.write(case, write, row, summary, timings)
+        pipeline.write(case, write, row, summary)
         row.update({step: round(timings.steps.get(step, 0.0), 4) for step in predictor.steps.all if step != "write"})
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -154,7 +154,7 @@ class _Pipeline:
     def __init__(self, overlap: bool):
         self.overlap = overlap
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flareseg-io") if overlap else None
-        self.pending: tuple[Future, CaseOutputs, dict, PredictSummary, CaseTimings] | None = None
+        self.pending: tuple[Future, CaseOutputs, dict, PredictSummary] | None = None
 
     def __enter__(self) -> _Pipeline:
         return self
@@ -164,17 +164,22 @@ class _Pipeline:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def cases(self, cases: list[CaseOutputs]):
-        """(case, a future of its (image, geometry, read seconds)), the next case's read already started."""
+        """(case, a future of its (image, geometry, read seconds)): with overlap the next case's read has already
+        started; without, the case is read now (one image in memory)."""
+        if not self.overlap:
+            for case in cases:
+                yield case, self._read(case)
+            return
         ahead = self._read(cases[0]) if cases else None
         for k, case in enumerate(cases):
             current, ahead = ahead, (self._read(cases[k + 1]) if k + 1 < len(cases) else None)
             yield case, current
 
-    def write(self, case: CaseOutputs, write, row: dict, summary: PredictSummary, timings: CaseTimings) -> None:
+    def write(self, case: CaseOutputs, write, row: dict, summary: PredictSummary) -> None:
         """Hand a case's outputs to the writer, after the previous case's write has finished (one behind)."""
         self.finish()
         future = self._run(_timed, write)
-        self.pending = (future, case, row, summary, timings)
+        self.pending = (future, case, row, summary)
         if not self.overlap:
             self.finish()
 
@@ -182,7 +187,7 @@ class _Pipeline:
         """Wait for the pending write; a failed write fails its case (its partial files were never renamed)."""
         if self.pending is None:
             return
-        future, case, row, summary, timings = self.pending
+        future, case, row, summary = self.pending
         self.pending = None
         try:
             row["write"] = round(future.result(), 4)
