@@ -85,10 +85,10 @@ def predict_folder(
     save_config(config, out_dir)
     summary = PredictSummary(out_dir, timing_file=out_dir / _shard_name(TIMING_FILE, part, parts))
     run = datetime.now().isoformat(timespec="seconds")
-    for case_id, problem in _share(found.problems, part, parts):  # two images for one case, a broken link
+    for case_id, problem in _share(found.problems, part, parts, key=lambda item: item[0]):  # two images, a broken link
         _fail(summary, {"case": case_id, "run": run}, problem)
     cases = [CaseOutputs.plan(case_id, image, out_dir, settings) for case_id, image in found.paths.items()]
-    todo, shard = [], _share(cases, part, parts)
+    todo, shard = [], _share(cases, part, parts, key=lambda case: case.case_id)
     inputs = {path.resolve() for path in found.paths.values()}
     for case in shard:
         if any(path.resolve() in inputs for path in case.paths.values()):  # an input linked into the output folder
@@ -256,10 +256,9 @@ def _fingerprint(config: Config) -> dict:
     return json.loads(json.dumps(settings))  # as the file stores it (JSON: mapping keys become strings)
 
 
-def _share(items: list, part: int, parts: int) -> list:
-    """Shard `part` of `parts`: every parts-th item of the list sorted by case id, from position `part`."""
-    keyed = sorted(items, key=lambda item: item.case_id if isinstance(item, CaseOutputs) else item[0])
-    return keyed[part::parts]
+def _share(items: list, part: int, parts: int, key) -> list:
+    """Shard `part` of `parts`: every parts-th item of the list sorted by case id (`key`), from position `part`."""
+    return sorted(items, key=key)[part::parts]
 
 
 def _shard_name(name: str, part: int, parts: int) -> str:

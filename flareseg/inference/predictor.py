@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,12 +40,6 @@ class CaseTimings:
         now = time.perf_counter()
         self.steps[step] = self.steps.get(step, 0.0) + now - self._last  # a step lapped twice adds up
         self._last = now
-
-
-def _case_stem(path: str | os.PathLike) -> str:
-    from flareseg.io import strip_image_suffix
-
-    return strip_image_suffix(path)
 
 
 class Predictor:
@@ -109,13 +102,7 @@ class Predictor:
         image, geometry = read_image(image_path)
         timings.lap("read", self.device)
         label = self.predict_array(image, geometry, timings)
-        write_image(out_path, label, geometry)
-        if self.settings.png:
-            from flareseg.visualize import overlay_png
-
-            overlay_png(
-                image, geometry, label, Path(out_path).with_name(_case_stem(out_path) + ".png"), names=self.labels
-            )
+        write_image(out_path, label, geometry)  # the label map only: a folder's other outputs are CaseOutputs'
         timings.lap("write", self.device)
         return timings
 
