@@ -174,3 +174,5 @@ def test_openvino_rejects_inputs_of_another_size_and_takes_its_threads_explicitl
     # predict.threads reaches OpenVINO itself, whatever torch's global setting is
     assert torch.get_num_threads() != 1 or os.cpu_count() == 1
     assert int(stage._forward.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    # not pinned: two 1-thread shards on one machine pinned their threads to the same core and ran at half speed
+    assert str(stage._forward.compiled.get_property("ENABLE_CPU_PINNING")).lower() == "false"

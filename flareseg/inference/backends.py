@@ -155,6 +155,9 @@ class OpenVinoRunner:
         }
         if threads is not None:  # None: OpenVINO's own default, every core
             config["INFERENCE_NUM_THREADS"] = threads
+            # a process given fewer threads than cores shares the CPU (shards, --part/--parts): pinned, every such
+            # process would put its threads on the same first cores, and two 1-thread shards ran at half speed
+            config["ENABLE_CPU_PINNING"] = False
         self.compiled = openvino_core().compile_model(str(onnx_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
