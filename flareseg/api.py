@@ -57,9 +57,9 @@ def segment(
         if value is None:
             continue
         if key in ("coarse", "fine"):
-            value = str(value)
+            value = _paths(value)
         elif key == "stages":
-            value = [str(path) for path in value]
+            value = [_paths(entry) for entry in value]
         set_value(config, f"predict.{key}", value, Path.cwd())
     config.validate()
     array, geometry = image if isinstance(image, tuple) else read_image(image)
@@ -73,3 +73,8 @@ def segment(
 
         figures = label_statistics(label, np.asarray(array), geometry, predictor.labels)
     return Segmentation(label, geometry, list(predictor.labels), figures)
+
+
+def _paths(value: str | os.PathLike | list) -> str | list[str]:
+    """A checkpoint as a string, or a fold ensemble's list of them."""
+    return str(value) if isinstance(value, (str, os.PathLike)) else [str(path) for path in value]

@@ -63,10 +63,44 @@ def run_stage(command: str, default_config: Path, argv: Sequence[str] | None = N
 def _config_from(args: argparse.Namespace, flags: dict[str, object]) -> Config:
     """YAML, then --set overrides, then explicit command-line flags (the most specific wins)."""
     config = load_config(args.config, args.overrides)
+    if getattr(args, "dataset", None) is not None and args.run == "prepare":
+        config.prepare.images = config.prepare.labels = None  # -d replaces the folders a config names (-i/-l may not)
     for key, value in flags.items():
         if value is not None:
             set_value(config, key, value, Path.cwd())
     return config.validate()
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from flareseg.planning import DEFAULT_GPU_MEMORY_GB, plan_dataset
+
+    result = plan_dataset(
+        args.out,
+        images=args.images,
+        labels=args.labels,
+        unlabeled=args.unlabeled,
+        dataset=args.dataset,
+        work=args.work_dir,
+        label_names=args.label_names,
+        gpu_memory_gb=args.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB,
+        workers=args.workers,
+    )
+    for decision in result.plan.decisions:
+        print(f"{decision.key}: {decision.value}")
+    failed = len(result.fingerprint.failed)
+    print(
+        f"planned from {len(result.fingerprint.cases)} cases ({failed} left out) -> {args.out} "
+        f"({', '.join(path.name for path in result.configs)}, {result.fingerprint_file.name})"
+    )
+    return 0 if not failed else 1
+
+
+def _checkpoint_flags(args: argparse.Namespace) -> dict[str, object]:
+    """--coarse and --fine (nargs="+"): one checkpoint as itself, several as a fold ensemble's list."""
+    return {
+        f"predict.{key}": value[0] if value is not None and len(value) == 1 else value
+        for key, value in (("coarse", args.coarse), ("fine", args.fine))
+    }
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -75,6 +109,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     config = _config_from(
         args,
         {
+            "prepare.dataset": args.dataset,
             "prepare.images": args.images,
             "prepare.labels": args.labels,
             "prepare.unlabeled": args.unlabeled,
@@ -120,7 +155,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     from flareseg.inference.batch import predict_folder
 
-    flags = {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
+    flags = {**_checkpoint_flags(args), "predict.device": args.device, "predict.tta": args.tta}
     flags |= {"predict.stages": args.stages, "predict.png": args.png, "predict.output_format": args.output_format}
     flags |= {"predict.statistics": args.statistics, "predict.labels": args.labels, "predict.overwrite": args.overwrite}
     config = _config_from(args, flags)
@@ -138,7 +173,7 @@ def _run_pseudo_label(args: argparse.Namespace) -> int:
     from flareseg.data.cases import default_annotated_file
     from flareseg.semi import ANNOTATED_FILE, REPORT_FILE, pseudo_label_folder, read_annotated_file
 
-    flags = {"predict.coarse": args.coarse, "predict.fine": args.fine, "predict.device": args.device}
+    flags = {**_checkpoint_flags(args), "predict.device": args.device, "predict.tta": args.tta}
     config = _config_from(args, {**flags, "predict.stages": args.stages})
     annotated_file = args.annotated or default_annotated_file(args.labels)
     annotated = read_annotated_file(annotated_file) if annotated_file is not None else None
@@ -188,7 +223,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_select_unlabeled(args: argparse.Namespace) -> int:
     from flareseg.semi.reliability import select_unlabeled
 
-    config = _config_from(args, {"predict.coarse": args.coarse, "predict.fine": args.fine})
+    config = _config_from(args, _checkpoint_flags(args))
     result = select_unlabeled(
         args.images,
         config.predict,

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     flags = _SharedFlags()
     for add_command in (
+        _add_plan,
         _add_prepare,
         _add_phantoms,
         _add_train,
@@ -56,16 +57,42 @@ class _SharedFlags:
         self.quiet = argparse.ArgumentParser(add_help=False)
         self.quiet.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         self.checkpoints = argparse.ArgumentParser(add_help=False)  # the trained stages a predictor runs
-        self.checkpoints.add_argument("--coarse", metavar="CKPT", help="coarse checkpoint (predict.coarse)")
-        self.checkpoints.add_argument("--fine", metavar="CKPT", help="fine checkpoint (predict.fine)")
+        self.checkpoints.add_argument(
+            "--coarse", nargs="+", metavar="CKPT", help="coarse checkpoint; several: a fold ensemble (predict.coarse)"
+        )
+        self.checkpoints.add_argument(
+            "--fine", nargs="+", metavar="CKPT", help="fine checkpoint; several: a fold ensemble (predict.fine)"
+        )
         self.predictor = argparse.ArgumentParser(add_help=False, parents=[self.checkpoints])
         self.predictor.add_argument(
             "--stages",
             nargs="+",
+            type=_checkpoint_group,
             metavar="CKPT",
-            help="a chain instead: ROI checkpoint, then segmenters (predict.stages)",
+            help="a chain instead: ROI checkpoint, then segmenters; A,B,C: one stage's fold ensemble (predict.stages)",
         )
         self.predictor.add_argument("--device", help="auto, cpu, cuda, cuda:N (predict.device)")
+        self.predictor.add_argument(
+            "--tta", choices=("none", "mirror"), help="mirror: average the flips the networks learned (predict.tta)"
+        )
+
+
+def _add_plan(commands, flags: _SharedFlags) -> None:
+    plan = commands.add_parser(
+        "plan", help="configure the coarse-to-fine pipeline from a dataset's fingerprint (a config folder)"
+    )
+    plan.add_argument("-i", "--images", type=Path, help="folder of <case>_0000 images")
+    plan.add_argument("-l", "--labels", type=Path, help="folder of <case> label maps")
+    plan.add_argument("-u", "--unlabeled", type=Path, help="folder of unlabeled <case>_0000 images")
+    plan.add_argument(
+        "-d", "--dataset", type=Path, help="a dataset root in nnU-Net v2, Decathlon or FLARE layout (instead of -i/-l)"
+    )
+    plan.add_argument("-o", "--out", type=Path, required=True, help="the config folder to write")
+    plan.add_argument("--work-dir", type=Path, help="prepared data and trained stages go here (default: OUT/work)")
+    plan.add_argument("--label-names", type=_name_list, help="names of label ids 1..N, e.g. liver,kidney")
+    plan.add_argument("--gpu-memory-gb", type=float, help="GPU memory the training may use (default 24)")
+    plan.add_argument("-w", "--workers", type=_positive_int, default=2, help="worker processes (default 2)")
+    plan.set_defaults(run="plan")
 
 
 def _add_prepare(commands, flags: _SharedFlags) -> None:
@@ -75,6 +102,11 @@ def _add_prepare(commands, flags: _SharedFlags) -> None:
     prepare.add_argument("-i", "--images", help="folder of <case>_0000 images (prepare.images)")
     prepare.add_argument("-l", "--labels", help="folder of <case> label maps (prepare.labels)")
     prepare.add_argument("-u", "--unlabeled", help="folder of unlabeled <case>_0000 images (prepare.unlabeled)")
+    prepare.add_argument(
+        "-d",
+        "--dataset",
+        help="a dataset root (nnU-Net v2, Decathlon, FLARE layout) instead of -i/-l (prepare.dataset)",
+    )
     prepare.add_argument("-o", "--out", help="output folder (prepare.out)")
     prepare.add_argument("-w", "--workers", type=int, help="worker processes (prepare.workers)")
     prepare.add_argument("--overwrite", action="store_true", default=None, help="redo every case (prepare.overwrite)")
@@ -232,12 +264,27 @@ def _add_show_config(commands, flags: _SharedFlags) -> None:
     show.set_defaults(run="show_config")
 
 
+def _checkpoint_group(text: str) -> str | list[str]:
+    """A --stages item: one checkpoint, or a stage's fold ensemble as CKPT,CKPT,... (a list of paths)."""
+    members = [item.strip() for item in text.split(",")]
+    if not all(members):
+        raise argparse.ArgumentTypeError(f"expects a checkpoint or checkpoints separated by commas, got {text!r}")
+    return members[0] if len(members) == 1 else members
+
+
 def _label_list(text: str) -> list[str | int]:
     """`liver,spleen` or `1,3` (or both): label names and ids."""
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"expects label names or ids separated by commas, got {text!r}")
     return [int(item) if item.isdigit() else item for item in items]
+
+
+def _name_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, e.g. liver,kidney; got {text!r}")
+    return names
 
 
 def _positive_int(text: str) -> int:

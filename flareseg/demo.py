@@ -37,6 +37,8 @@ from flareseg.demo_settings import (
     MARKER,
     MIN_STAGE_SECONDS,
     ORGANS,
+    PLAN,
+    PLANNED_FILES,
     PREDICT_CONFIG,
     PRESET,
     SMOKE_SETTINGS,
@@ -113,6 +115,14 @@ def _phantoms_and_prepared_data(
             if written
             else "already there, reused"
         )
+    with clock.phase("plan", "planning the pipeline from the phantoms (flareseg plan)") as note:
+        if not written and all((out / PLAN / name).is_file() for name in PLANNED_FILES):
+            note.append("already planned, reused")
+        else:
+            written = True  # a new plan: prepare again on its grids
+            result = plan(out, settings)
+            grids = {stage: result.plan.value(f"prepare.grids.{stage}.size") for stage in ("coarse", "fine")}
+            note.append(f"coarse grid {grids['coarse']}, fine grid {grids['fine']} -> {out / PLAN}")
     with clock.phase("prepare", "preparing the training phantoms") as note:
         if not written and _prepared(out, train_ids):
             note.append("already prepared, reused")
@@ -150,21 +160,38 @@ def make_phantoms(root: Path, settings: DemoSettings) -> tuple[list[str], list[s
     return train_ids, test_ids, True
 
 
-def prepare(out: Path, settings: DemoSettings, progress: bool = True):
-    """flareseg prepare of the training phantoms into out/prepared, from scratch (prepare.overwrite).
+def plan(out: Path, settings: DemoSettings):
+    """flareseg plan of the training phantoms into out/plan: grids, HU window, margin and component rules from the
+    phantoms themselves, for the demo's networks, each grid at most coarse_size^3 / fine_size^3 voxels (what trains
+    in minutes on a CPU); its configs send prepared data and runs to out/prepared, out/coarse and out/fine."""
+    from flareseg.planning import plan_dataset
 
-    From scratch because the phantoms were just (re)written; `run_demo` skips this phase when they were reused
-    and the index already holds every training case.
+    return plan_dataset(
+        out / PLAN,
+        images=out / "phantoms" / "imagesTr",
+        labels=out / "phantoms" / "labelsTr",
+        work=out,
+        label_names=list(ORGANS),
+        label_map=dict(LABEL_MAP),
+        networks={
+            "coarse": {"channels": list(settings.coarse_channels)},
+            "fine": {"channels": list(settings.fine_channels)},
+        },
+        max_voxels={"coarse": settings.coarse_size**3, "fine": settings.fine_size**3},
+        workers=2,
+    )
+
+
+def prepare(out: Path, settings: DemoSettings, progress: bool = True):
+    """flareseg prepare of the training phantoms into out/prepared with the planned config, from scratch
+    (prepare.overwrite).
+
+    From scratch because the phantoms or the plan were just (re)written; `run_demo` skips this phase when they were
+    reused and the index already holds every training case.
     """
     from flareseg.data.prepare import FAILURES_FILE, prepare_dataset
 
-    config = _demo_config()
-    prepare = config.prepare
-    prepare.label_map = dict(LABEL_MAP)
-    prepare.grids["coarse"].size, prepare.grids["fine"].size = (settings.coarse_size,) * 3, (settings.fine_size,) * 3
-    prepare.images, prepare.labels = out / "phantoms" / "imagesTr", out / "phantoms" / "labelsTr"
-    prepare.out, prepare.folds, prepare.overwrite = out / "prepared", 5, True
-    config.validate()
+    config = load_config(out / PLAN / "data_prepare.yaml", ["prepare.folds=5", "prepare.overwrite=true"])
     summary = prepare_dataset(config, progress=progress)
     if not summary.ok:
         raise RuntimeError(f"prepare failed for {len(summary.failed)} phantoms: see {summary.out_dir / FAILURES_FILE}")
@@ -172,15 +199,12 @@ def prepare(out: Path, settings: DemoSettings, progress: bool = True):
 
 
 def stage_config(out: Path, stage: str, settings: DemoSettings, budget_seconds: float, progress: bool) -> Config:
-    """The training config of one stage: the learning test's recipe (tests/test_training.py), with a time budget."""
-    config = _demo_config()
+    """The training config of one stage: the planned one (network, grid, HU window) with the learning test's recipe
+    (tests/test_training.py) and a time budget."""
+    config = load_config(out / PLAN / f"{stage}.yaml")
     model, train = config.model, config.train
-    if stage == "coarse":
-        model.name, model.channels, size = "base_unet", list(settings.coarse_channels), settings.coarse_size
-    else:
-        model.name, model.channels, size = "efficient_segnet", list(settings.fine_channels), settings.fine_size
-    model.input_size, model.dropout = (size,) * 3, 0.0
-    train.stage, train.data, train.out, train.fold = stage, out / "prepared", out / stage, 0
+    model.dropout = 0.0
+    train.fold = 0
     train.epochs = 1000  # a cap, not reached on a CPU: the time budget ends training
     train.time_budget_minutes = budget_seconds / 60.0
     train.batch_size, train.iterations_per_epoch = settings.batch_size, settings.steps_per_epoch
@@ -206,14 +230,23 @@ def train_stage(
 
 
 def write_predict_config(out: Path) -> Path:
-    """out/predict.yaml: the demo's networks as a ready predict config (`sh predict.sh IN OUT DIR/predict.yaml`)."""
+    """out/predict.yaml: the demo's networks as a ready predict config (`sh predict.sh IN OUT DIR/predict.yaml`),
+    with the planned margin and component rules."""
+    planned = load_config(out / PLAN / "predict.yaml").predict
     predict = {
         "coarse": str((out / "coarse" / BEST).resolve()),
         "fine": str((out / "fine" / BEST).resolve()),
-        "keep_components_per_label": {2: 2},  # the merged kidney label has two components
+        "margin_mm": planned.margin_mm,
+        "coarse_min_volume_mm3": planned.coarse_min_volume_mm3,
+        "keep_components_per_label": planned.keep_components_per_label,
+        "postprocess": {name: _plain(rule) for name, rule in planned.postprocess.items()},
     }
     header = "# The demo's trained networks (phantoms only: not for real scans): sh predict.sh IN OUT this-file\n"
     return atomic_write_text(out / PREDICT_CONFIG, header + yaml.safe_dump({"predict": predict}, sort_keys=False))
+
+
+def _plain(rule) -> dict:
+    return {key: value for key, value in asdict(rule).items() if value is not None}
 
 
 def predict(out: Path, device: str, progress: bool = True) -> list[dict]:
@@ -317,13 +350,6 @@ def _prepared(out: Path, case_ids: list[str]) -> bool:
         return set(case_ids) <= set(PreparedData(out / "prepared").case_ids())
     except FileNotFoundError:
         return False
-
-
-def _demo_config() -> Config:
-    """The defaults with the demo's organs as data.labels (the callers set the rest, then validate)."""
-    config = Config()
-    config.data.labels = list(ORGANS)
-    return config
 
 
 def _training_line(history: list[dict]) -> str:

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from flareseg.atomic import atomic_write_text
-from flareseg.demo_settings import LABEL_MAP, ORGANS, PREDICT_CONFIG, PRESET, REPORT, DemoSettings, scores_csv
+from flareseg.demo_settings import LABEL_MAP, ORGANS, PLAN, PREDICT_CONFIG, PRESET, REPORT, DemoSettings, scores_csv
 
 
 def write_report(
@@ -62,9 +62,11 @@ def _report_scores(
         f"`flareseg demo --out {out} --minutes {minutes:g}`, {datetime.now():%Y-%m-%d %H:%M}, on {where} "
         f"({os.cpu_count()} CPU cores visible): {total_seconds / 60:.1f} min in all.",
         "",
-        f"{settings.train_cases} synthetic CT phantoms trained a coarse BaseUNet ({settings.coarse_size}^3, whole "
-        f"volume) and a fine EfficientSegNet ({settings.fine_size}^3, organ box); the predictor then segmented "
-        f"{cases} held-out phantoms. Organs: {', '.join(ORGANS)} (left and right kidney as one label).",
+        f"{settings.train_cases} synthetic CT phantoms trained a coarse BaseUNet ({_planned_size(out, 'coarse')}, "
+        f"whole volume) and a fine EfficientSegNet ({_planned_size(out, 'fine')}, organ box), on the grids "
+        f"`flareseg plan` chose for them (`{PLAN}/`, each at most {settings.coarse_size}^3 and "
+        f"{settings.fine_size}^3 voxels); the predictor then segmented {cases} held-out phantoms. Organs: "
+        f"{', '.join(ORGANS)} (left and right kidney as one label).",
         "",
         f"## Held-out phantoms: mean DSC {summary['mean']['dsc']:.4f}",
         "",
@@ -120,7 +122,7 @@ def _report_cases(
 
 def _report_training(out: Path, settings: DemoSettings, histories: dict[str, list[dict]]) -> list[str]:
     networks = {"coarse": "BaseUNet", "fine": "EfficientSegNet"}
-    sizes = {"coarse": settings.coarse_size, "fine": settings.fine_size}
+    sizes = {stage: _planned_size(out, stage) for stage in ("coarse", "fine")}
     lines = [
         "## Training",
         "",
@@ -131,7 +133,7 @@ def _report_training(out: Path, settings: DemoSettings, histories: dict[str, lis
         samples = len(history) * settings.steps_per_epoch * settings.batch_size
         best = max((r["val_dice_mean"] for r in history if r.get("val_dice_mean") is not None), default=None)
         lines.append(
-            f"| {stage} | {networks[stage]} | {sizes[stage]}^3 | {len(history)} | {samples} | "
+            f"| {stage} | {networks[stage]} | {sizes[stage]} | {len(history)} | {samples} | "
             f"{sum(r['seconds'] for r in history):.0f} | {'-' if best is None else f'{best:.4f}'} |"
         )
     validation = _validation_cases(out)
@@ -178,3 +180,10 @@ def _settings_rows(settings: DemoSettings, minutes: float, device: str) -> list[
 def _read_scores(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return [{**row, "dsc": float(row["dsc"]), "nsd": float(row["nsd"])} for row in csv.DictReader(handle)]
+
+
+def _planned_size(out: Path, stage: str) -> str:
+    """The network input (= grid) `flareseg plan` chose for `stage`, as "z x y x x"."""
+    from flareseg.config import load_config
+
+    return " x ".join(map(str, load_config(out / PLAN / f"{stage}.yaml").model.input_size))

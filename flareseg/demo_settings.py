@@ -18,6 +18,8 @@ PRESET = get_preset("flare21")
 MARKER = "demo.json"
 REPORT = "report.md"
 PREDICT_CONFIG = "predict.yaml"  # the trained networks as a config for `sh predict.sh`
+PLAN = "plan"  # flareseg plan's config folder (and fingerprint) for the phantoms
+PLANNED_FILES = ("data_prepare.yaml", "coarse.yaml", "fine.yaml", "predict.yaml", "fingerprint.json")
 MIN_STAGE_SECONDS = 0.0  # a budget of 0 still trains (and validates) one epoch
 
 
@@ -33,8 +35,9 @@ class DemoSettings:
     test_cases: int = 3  # held-out phantoms: predicted, evaluated, shown
     shape: tuple[int, int, int] = (64, 160, 160)  # phantom voxels (z, y, x) before the random axis order
     seed: int = 0
-    coarse_size: int = 32  # coarse grid and network input (voxels per axis)
-    fine_size: int = 48  # fine grid and network input
+    # flareseg plan decides each grid's shape; these cap its voxels (coarse_size^3, fine_size^3) for CPU time
+    coarse_size: int = 32
+    fine_size: int = 48
     coarse_channels: tuple[int, ...] = (8, 16, 32, 64)  # BaseUNet widths
     fine_channels: tuple[int, ...] = (8, 16, 32, 64, 64)  # EfficientSegNet widths
     batch_size: int = 2  # torch's CPU conv3d runs these shapes 2x faster per step at batch 2 than at batch 1

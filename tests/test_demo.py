@@ -90,7 +90,7 @@ def test_timing_overlays_curves_and_phases(demo):
     for stage in ("coarse", "fine"):
         assert (out / stage / "training_curve.png").stat().st_size > 1000
         assert f"]({stage}/training_curve.png)" in report
-    assert list(demo.phases) == ["phantoms", "prepare", "coarse", "fine", "predict", "evaluate"]
+    assert list(demo.phases) == ["phantoms", "plan", "prepare", "coarse", "fine", "predict", "evaluate"]
     assert all(f"| {phase} | {seconds:.1f} |" in report for phase, seconds in demo.phases.items())
 
 
@@ -99,6 +99,7 @@ def test_rerun_reuses_phantoms_and_prepared_data(demo, capsys):
     again = run_demo(demo.out, minutes=0.0, device="cpu", settings=TINY, progress=False)
     printed = capsys.readouterr().out
     assert "phantoms: already there, reused" in printed and "prepare: already prepared, reused" in printed
+    assert "plan: already planned, reused" in printed
     assert (demo.out / "phantoms" / "imagesTr" / "phantom_000_0000.nii.gz").stat().st_mtime_ns == stamp
     assert _report_table((demo.out / "report.md").read_text())["mean"][0] == pytest.approx(again.mean_dsc, abs=5e-5)
 
@@ -116,3 +117,18 @@ def test_cli_passes_its_options(monkeypatch, tmp_path):
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--minutes", "2.5", "--device", "cpu", "-q"]) == 0
     assert calls == [((Path(tmp_path / "d"), 2.5), {"device": "cpu", "progress": False})]
     assert build_parser().parse_args(["demo"]).out == Path("flareseg_demo")
+
+
+def test_the_demo_trains_on_the_grids_flareseg_plan_chose(demo):
+    from flareseg.config import load_config
+    from flareseg.data.prepared import PreparedData
+
+    settings = PreparedData(demo.out / "prepared").settings
+    for stage, cap in (("coarse", TINY.coarse_size**3), ("fine", TINY.fine_size**3)):
+        planned = load_config(demo.out / "plan" / f"{stage}.yaml")
+        size = planned.model.input_size
+        assert tuple(settings.grids[stage].size) == tuple(size) and np.prod(size) <= cap
+        assert list(planned.model.channels) == list(getattr(TINY, f"{stage}_channels"))
+    checkpoint = load_config(demo.out / "plan" / "data_prepare.yaml")
+    assert checkpoint.data.hu_window == load_config(demo.out / "plan" / "fine.yaml").data.hu_window
+    assert "# the smallest organ" in (demo.out / "plan" / "data_prepare.yaml").read_text()

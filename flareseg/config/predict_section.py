@@ -16,12 +16,15 @@ class PostprocessConfig:
     shorthand (coarse_min_volume_mm3 for the ROI stage, fine_min_volume_mm3 for the others, keep_components...)."""
 
     min_volume_mm3: float | None = None  # components smaller than this are dropped (the largest of a label stays)
+    min_volume_mm3_per_label: dict[int, float] | None = None  # by label id, over min_volume_mm3 (flareseg plan's)
     keep_components: int | None = None  # connected components kept per label (largest first)
     keep_components_per_label: dict[int, int] | None = None  # by label id, over predict's; 0 = keep all (lesions)
 
     def validate(self, prefix: str) -> None:
         if self.min_volume_mm3 is not None and self.min_volume_mm3 < 0:
             raise ConfigError(f"'{prefix}min_volume_mm3' must be >= 0, got {self.min_volume_mm3}")
+        if any(v < 0 for v in (self.min_volume_mm3_per_label or {}).values()):
+            raise ConfigError(f"'{prefix}min_volume_mm3_per_label' values must be >= 0 mm3")
         if self.keep_components is not None and self.keep_components < 1:
             raise ConfigError(f"'{prefix}keep_components' must be >= 1, got {self.keep_components}")
         if any(k < 0 for k in (self.keep_components_per_label or {}).values()):
@@ -32,9 +35,11 @@ class PostprocessConfig:
 class PredictConfig:
     """Inference: coarse model -> organ box -> fine model -> post-processing, on the GPU or the CPU."""
 
-    coarse: Path | None = None  # coarse checkpoint (its config comes from the checkpoint)
-    fine: Path | None = None  # fine checkpoint
-    stages: list[Path] | None = None  # any chain instead: first = ROI (whole volume), the rest segment inside it
+    # each stage's checkpoint, or a list of checkpoints of that one stage (k-fold models: a fold ensemble, whose
+    # sigmoid probabilities are averaged); their configs come from the checkpoints
+    coarse: Path | list[Path] | None = None  # coarse checkpoint(s)
+    fine: Path | list[Path] | None = None  # fine checkpoint(s)
+    stages: list[Path | list[Path]] | None = None  # any chain instead: first = ROI (whole volume), the rest inside it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     # auto: fp16 on CUDA; on the CPU bf16 under OpenVINO where the CPU has native bf16, else fp32
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -58,6 +63,9 @@ class PredictConfig:
     read_ahead: bool = True  # read the next case and write the last one while the networks run (one case ahead)
     window_overlap: float = 0.25  # fixed-spacing stages: overlap of the sliding-window patches (fraction per axis)
     png: bool = False  # also write <case>.png: axial and coronal slices with the predicted contours
+    # test-time augmentation: none, or mirror (the 8 flips of the 3 spatial axes, each prediction flipped back and
+    # the sigmoid probabilities averaged, with a fold ensemble's members: members x 8 network passes per stage)
+    tta: Literal["none", "mirror"] = "none"
 
     def validate(self, prefix: str = "predict.") -> None:
         if self.keep_components < 1 or any(k < 0 for k in (self.keep_components_per_label or {}).values()):
@@ -66,6 +74,11 @@ class PredictConfig:
             raise ConfigError(f"'{prefix}window_overlap' must be in [0, 1), got {self.window_overlap}")
         if self.stages is not None and not self.stages:
             raise ConfigError(f"'{prefix}stages' must list at least one checkpoint (or be null)")
+        entries = {"coarse": self.coarse, "fine": self.fine}
+        entries |= {f"stages[{k}]": entry for k, entry in enumerate(self.stages or [])}
+        for key, entry in entries.items():
+            if isinstance(entry, list) and not entry:
+                raise ConfigError(f"'{prefix}{key}' lists no checkpoint: give a checkpoint or a non-empty list")
         if not self.output_format or len(set(self.output_format)) != len(self.output_format):
             raise ConfigError(
                 f"'{prefix}output_format' lists nifti, dicom-seg, rtstruct (each once), got {self.output_format}"
@@ -88,6 +101,7 @@ class PredictConfig:
         shorthand = self.coarse_min_volume_mm3 if finds_region else self.fine_min_volume_mm3
         return PostprocessConfig(
             min_volume_mm3=shorthand if own.min_volume_mm3 is None else own.min_volume_mm3,
+            min_volume_mm3_per_label=dict(own.min_volume_mm3_per_label or {}),
             keep_components=self.keep_components if own.keep_components is None else own.keep_components,
             keep_components_per_label={
                 **(self.keep_components_per_label or {}),

@@ -68,6 +68,9 @@ class PrepareConfig:
         "fine": "prepare.grids.fine (with region: labels)",
     }
 
+    # a dataset root read as it is: nnU-Net v2 raw or Decathlon (dataset.json: labels must match data.labels) or
+    # FLARE (imagesTr/<case>_0000, labelsTr/<case>); replaces images and labels, which must then be null
+    dataset: Path | None = None
     images: Path | None = None  # folder of <case>_0000.nii.gz images (or .nii/.nrrd/.mha, or DICOM sub-folders)
     labels: Path | None = None  # folder of <case>.nii.gz label maps for the images
     unlabeled: Path | None = None  # folder of unlabeled <case>_0000 images (semi-supervised training)
@@ -98,10 +101,20 @@ class PrepareConfig:
             raise ConfigError(f"'{prefix}folds' must be >= 1, got {self.folds}")
         if self.foreground_samples < 0:
             raise ConfigError(f"'{prefix}foreground_samples' must be >= 0, got {self.foreground_samples}")
-        if self.labels is not None and self.images is None:
-            raise ConfigError(f"'{prefix}labels' is set but '{prefix}images' is not")
+        self.check_inputs(prefix)
         if self.source_margin_mm < 0:
             raise ConfigError(f"'{prefix}source_margin_mm' must be >= 0, got {self.source_margin_mm}")
         for source, target in (self.label_map or {}).items():
             if not 0 <= source <= 255 or target < 0:
                 raise ConfigError(f"'{prefix}label_map' maps {source} -> {target}; ids must be 0..255 and >= 0")
+
+    def check_inputs(self, prefix: str = "prepare.") -> None:
+        """The input keys agree: prepare.dataset replaces images and labels; labels need images."""
+        if self.dataset is not None and (self.images is not None or self.labels is not None):
+            given = " and ".join(f"'{prefix}{key}'" for key in ("images", "labels") if getattr(self, key) is not None)
+            raise ConfigError(
+                f"'{prefix}dataset' replaces '{prefix}images' and '{prefix}labels': set {given} to null, "
+                f"or '{prefix}dataset' to null"
+            )
+        if self.labels is not None and self.images is None:
+            raise ConfigError(f"'{prefix}labels' is set but '{prefix}images' is not")

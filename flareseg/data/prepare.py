@@ -28,8 +28,9 @@ from tqdm import tqdm
 from flareseg import __version__
 from flareseg.atomic import atomic_path, remove_stale_temporaries
 from flareseg.config import Config, ConfigError, save_config, to_plain
-from flareseg.data.cases import CaseFiles, default_annotated_file, find_cases, read_annotated_file
+from flareseg.data.cases import CaseFiles, default_annotated_file, discover_cases, find_cases, read_annotated_file
 from flareseg.data.index import INDEX_DIR, META_SETTINGS, META_SPLITS, META_VERSION, IndexWriter, close_reader
+from flareseg.data.layouts import LABELS_DIR, check_label_names, read_dataset
 from flareseg.data.prepare_case import ARRAY_DIR, CaseError, prepare_case
 from flareseg.data.prepare_worker import init_worker
 from flareseg.data.prepared import labeled_case_ids
@@ -65,22 +66,26 @@ class PrepareSummary:
 
 
 def prepare_dataset(config: Config, progress: bool = True) -> PrepareSummary:
-    """Prepare every case named by `config.prepare` (images, labels, unlabeled -> out).
+    """Prepare every case named by `config.prepare` (dataset, or images and labels; unlabeled -> out).
 
     Raises FolderBusyError when another process is preparing the same folder, IndexFormatError for an index of
-    another format (prepare it again with prepare.overwrite), ConfigError for other settings than the folder's.
+    another format (prepare it again with prepare.overwrite), ConfigError for other settings than the folder's or
+    for a prepare.dataset whose dataset.json names other labels than data.labels.
     """
     settings = config.prepare
     if settings.out is None:
         raise ConfigError("'prepare.out' is not set: give -o/--out DIR or set it in the config")
-    if settings.images is None and settings.unlabeled is None:
-        raise ConfigError("nothing to prepare: give -i/--images (and -l/--labels) or -u/--unlabeled")
+    if settings.dataset is None and settings.images is None and settings.unlabeled is None:
+        raise ConfigError(
+            "nothing to prepare: set prepare.dataset, or give -i/--images (and -l/--labels) or -u/--unlabeled"
+        )
+    settings.check_inputs()
     start = time.perf_counter()
     out_dir = Path(settings.out)
     summary = PrepareSummary(out_dir)
-    cases, problems = find_cases(settings.images, settings.labels, settings.unlabeled)
+    cases, problems, labels_dir = _find_inputs(config)
     summary.failed += problems
-    annotated_file = settings.annotated_file or default_annotated_file(settings.labels)
+    annotated_file = settings.annotated_file or default_annotated_file(labels_dir)
     annotated = {} if annotated_file is None else read_annotated_file(annotated_file, len(config.data.labels))
 
     # The lock comes before any write into the folder: two runs at once would mix arrays of different runs.
@@ -108,6 +113,28 @@ def prepare_dataset(config: Config, progress: bool = True) -> PrepareSummary:
         _write_failures(out_dir / FAILURES_FILE, summary.failed)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _find_inputs(config: Config) -> tuple[list[CaseFiles], list[tuple[str, str]], Path | None]:
+    """The cases to prepare, the inputs that make none, and the labels folder: from prepare.dataset (its labels
+    checked against data.labels) or prepare.images and prepare.labels, with prepare.unlabeled beside either."""
+    settings = config.prepare
+    if settings.dataset is None:
+        cases, problems = find_cases(settings.images, settings.labels, settings.unlabeled)
+        return cases, problems, settings.labels
+    layout = read_dataset(settings.dataset)
+    check_label_names(layout, config.data.labels, config.prepare.label_map)
+    cases, problems = list(layout.discovery.cases), layout.discovery.problems
+    if settings.unlabeled is not None:
+        labeled = {case.case_id for case in cases}
+        unlabeled = discover_cases(None, None, settings.unlabeled)
+        problems += unlabeled.problems
+        for case in unlabeled.cases:
+            if case.case_id in labeled:
+                problems.append((case.case_id, f"{case.image}: case id '{case.case_id}' is also a labeled case"))
+            else:
+                cases.append(case)
+    return cases, problems, layout.root / LABELS_DIR
 
 
 def _prepare_cases(

@@ -12,9 +12,10 @@ process from the fork server instead (flareseg.workers), so predicting and then 
 All runners share one Core for the life of the process (see openvino_core: Cores destroyed in the wrong order left
 the process on a freed signal stack, and it died of SIGSEGV at the next signal, such as a forked worker's exit).
 
-A stage that runs its whole grid in one pass (a fixed-size stage) asks for class indices, not logits: the per-voxel
-"best class whose logit is > 0" is then part of the compiled graph, so the 13-channel float map at 192^3 (370 MB)
-is never handed out; OpenVINO plans the rest of its buffers around that. Sliding-window stages need the logits.
+A stage that runs its whole grid in one pass (a fixed-size stage of one network without TTA) asks for class
+indices, not logits: the per-voxel "best class whose logit is > 0" is then part of the compiled graph, so the
+13-channel float map at 192^3 (370 MB) is never handed out; OpenVINO plans the rest of its buffers around that.
+Sliding-window stages, fold ensembles and mirror TTA average several outputs, so they need the logits.
 
 The ONNX export (10-20 s for the fine network) is cached under $FLARESEG_CACHE_DIR (default ~/.cache/flareseg),
 keyed by the network's structure and weights, the input size, the output and the torch and flareseg versions, so

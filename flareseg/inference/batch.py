@@ -9,7 +9,8 @@
 - Overlap: while the networks run on one case, a reader thread reads the next and a writer thread writes the last
   (at most one case ahead and one behind: bounded memory).
 - timing.csv keeps every run's rows (a `run` column), one per case: status, seconds, seconds per step (each stage
-  under its name), peak memory, the error message of a failed case. A progress bar shows cases, failures and ETA.
+  under its name), network passes per stage (`<stage>_passes`: fold members x TTA flips x sliding windows), peak
+  memory, the error message of a failed case. A progress bar shows cases, failures and ETA.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flareseg.atomic import atomic_path, atomic_write_text, remove_stale_tempora
 from flareseg.config import Config, ConfigError, save_config, to_plain
 from flareseg.data.cases import find_images
 from flareseg.inference.outputs import CaseOutputs
-from flareseg.inference.predictor import CaseTimings, Predictor
+from flareseg.inference.predictor import CaseTimings, Predictor, checkpoint_files
 from flareseg.io import read_image
 from flareseg.memory import peak_cuda_mb, peak_rss_mb, reset_peak_memory
 
@@ -107,7 +108,8 @@ def predict_folder(
             bar.set_postfix(failed=len(summary.failed), refresh=False)
         pipeline.finish()  # the last case's outputs are written before the CSVs say it is done
     summary.seconds = time.perf_counter() - start
-    _append_rows(summary.timing_file, summary.rows, predictor.steps.all)
+    passes = tuple(f"{step}_passes" for step in predictor.steps.stages)
+    _append_rows(summary.timing_file, summary.rows, (*predictor.steps.all, *passes))
     if settings.statistics:  # every case of the shard with statistics, those of earlier runs included
         from flareseg.inference.statistics import write_statistics_csv
 
@@ -137,6 +139,7 @@ def _predict_case(predictor, case, read, pipeline, row, summary) -> None:
 
         pipeline.write(case, write, row, summary)
         row.update({step: round(timings.steps.get(step, 0.0), 4) for step in predictor.steps.all if step != "write"})
+        row.update({f"{step}_passes": timings.passes.get(step, 0) for step in predictor.steps.stages})
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # noqa: BLE001 - one bad case is reported, the others are still predicted
@@ -226,8 +229,7 @@ def _check_settings(out_dir: Path, config: Config) -> dict:
     others (unless predict.overwrite)."""
     settings = _fingerprint(config)
     path = out_dir / SETTINGS_FILE
-    checkpoints = config.predict.stages or [config.predict.coarse, config.predict.fine]
-    if len(settings["checkpoint files"]) < len(checkpoints):  # a missing checkpoint: the predictor says so
+    if len(settings["checkpoint files"]) < len(checkpoint_files(config.predict)):  # a missing one: the predictor's
         return settings
     if path.is_file() and not config.predict.overwrite:
         try:
@@ -246,9 +248,8 @@ def _check_settings(out_dir: Path, config: Config) -> dict:
 def _fingerprint(config: Config) -> dict:
     """The predict settings that change outputs, and each checkpoint file's size and modification time."""
     predict = {key: value for key, value in to_plain(config.predict).items() if key not in RUNTIME_KEYS}
-    paths = config.predict.stages or [config.predict.coarse, config.predict.fine]
     files = []
-    for path in paths:  # a missing one is the predictor's to report, with its own message
+    for path in checkpoint_files(config.predict):  # every ensemble member; a missing one is the predictor's to report
         if path is not None and Path(path).is_file():
             info = Path(path).stat()
             files.append([str(Path(path).resolve()), info.st_size, info.st_mtime_ns])

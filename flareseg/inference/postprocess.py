@@ -19,9 +19,11 @@ def keep_components(
     min_volume_mm3: float,
     keep: int = 1,
     keep_per_label: dict[int, int | None] | None = None,
+    min_volume_per_label: dict[int, float] | None = None,
 ) -> np.ndarray:
     """Per label, keep the `keep` (or `keep_per_label[label]`) largest connected components (26-connectivity) of at
-    least `min_volume_mm3`; the largest component of each label is always kept, so a small organ is never erased.
+    least `min_volume_mm3` (or `min_volume_per_label[label]`); the largest component of each label is always kept,
+    so a small organ is never erased.
     A count of EVERY_COMPONENT (0) leaves that label untouched; EVERY_LARGE_COMPONENT (None) sets no limit on the
     count but still drops components under the minimum volume. In place; returns it."""
     voxel_mm3 = math.prod(spacing)
@@ -39,7 +41,8 @@ def keep_components(
         count_kept = (keep_per_label or {}).get(value, keep)
         if count_kept == EVERY_COMPONENT:
             continue
-        kept = [order[0]] + [i for i in order[1:count_kept] if sizes[i] * voxel_mm3 >= min_volume_mm3]
+        minimum = (min_volume_per_label or {}).get(value, min_volume_mm3)
+        kept = [order[0]] + [i for i in order[1:count_kept] if sizes[i] * voxel_mm3 >= minimum]
         survivors = np.zeros(count + 1, dtype=bool)
         survivors[np.asarray(kept) + 1] = True
         region[mask & ~survivors[components]] = 0

@@ -7,6 +7,10 @@
 
 Full-resolution multi-channel float maps are never built: labels are decided at the model's resolution and only
 the uint8 label map is resampled back.
+
+A stage may be a fold ensemble (a list of checkpoints) and predict.tta: mirror flips every input 8 ways; both
+average sigmoid probabilities inside the stage (StageModel), and `CaseTimings.passes` counts each stage's network
+passes per case (members x flips x sliding windows), beside its seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,9 +34,10 @@ from flareseg.models.runtime import resolve_device
 
 @dataclass
 class CaseTimings:
-    """Seconds per step of one case."""
+    """Seconds per step of one case, and the network passes of each stage (by its step name)."""
 
     steps: dict[str, float] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
     _last: float = field(default_factory=time.perf_counter)
 
     def lap(self, step: str, device: torch.device) -> None:
@@ -50,25 +56,33 @@ class Predictor:
     the box of what remains plus predict.margin_mm is cut from the original-resolution image) and every later stage
     segments that crop; a later stage's labels overwrite earlier ones where it finds foreground (organs, then
     lesions). Each stage runs on its own grid (fixed size, or fixed spacing with sliding windows).
+
+    A stage given as a list of checkpoints is a fold ensemble, and predict.tta: mirror adds the 8 flips; both
+    average probabilities inside the stage. A stage's seconds include every pass; `predict_array` also records each
+    stage's network passes of the case in `timings.passes` (by the stage's step name, `steps.stages`).
     """
 
     def __init__(self, settings: PredictConfig):
-        paths = settings.stages
-        if paths is None:
-            if settings.coarse is None or settings.fine is None:
-                raise FileNotFoundError(
-                    "predict.coarse and predict.fine (or predict.stages) must name checkpoints (--coarse, --fine)"
-                )
-            paths = [settings.coarse, settings.fine]
+        chain = stage_checkpoints(settings)
+        if any(entry is None for entry in chain):
+            raise FileNotFoundError(
+                "predict.coarse and predict.fine (or predict.stages) must name checkpoints (--coarse, --fine)"
+            )
         self.settings = settings
         self.device = resolve_device(settings.device)
         if settings.threads is not None:  # torch's own pool (resampling, post-processing, the torch backend)
             torch.set_num_threads(settings.threads)
         stages = [
             StageModel(
-                path, self.device, settings.precision, settings.window_overlap, settings.backend, settings.threads
+                entry,
+                self.device,
+                settings.precision,
+                settings.window_overlap,
+                settings.backend,
+                settings.threads,
+                settings.tta,
             )
-            for path in paths
+            for entry in chain
         ]
         self.roi, self.segmenters = (None, stages) if len(stages) == 1 else (stages[0], stages[1:])
         if self.roi is not None and self.roi.region != "volume":
@@ -125,6 +139,7 @@ class Predictor:
                 labels = labels.cpu().numpy()
                 np.copyto(target, labels, where=labels > 0)
                 timings.lap(step, self.device)
+                self._count_passes(stage, step, timings)
         if self.written is not None:  # predict.labels: the other labels are not written (the models ran as trained)
             labels_c = self.written[labels_c]
         label, _ = from_canonical(labels_c, plan)
@@ -141,6 +156,7 @@ class Predictor:
         grouped = {group[0]: EVERY_LARGE_COMPONENT for group in self.roi.groups if len(group) > 1}
         self._filter(found, resampled_geometry(canonical, found.shape).spacing, self.roi, grouped)
         timings.lap(self.steps.roi, self.device)
+        self._count_passes(self.roi, self.steps.roi, timings)
         box = foreground_box(found)
         if box is not None:
             box = box_to_source(box, found.shape, canonical.shape)
@@ -148,11 +164,35 @@ class Predictor:
         timings.lap("box", self.device)
         return box
 
+    @staticmethod
+    def _count_passes(stage: StageModel, step: str, timings: CaseTimings) -> None:
+        passes = getattr(stage, "passes", None)  # a stand-in stage (tests) may not count them
+        if passes is not None:
+            timings.passes[step] = passes
+
     def _filter(self, labels: np.ndarray, spacing, stage: StageModel, extra: dict | None = None) -> None:
         """Keep the components `stage`'s rule keeps (predict.postprocess.<name>, else the shorthand keys)."""
         rule = self.rules[stage]
         per_label = {**rule.keep_components_per_label, **(extra or {})}
-        keep_components(labels, spacing, rule.min_volume_mm3, rule.keep_components, per_label)
+        keep_components(
+            labels, spacing, rule.min_volume_mm3, rule.keep_components, per_label, rule.min_volume_mm3_per_label
+        )
+
+
+def stage_checkpoints(settings: PredictConfig) -> list[Path | list[Path] | None]:
+    """The chain's stages in order, each a checkpoint or a fold ensemble's list (a list of one is its checkpoint):
+    predict.stages, else [predict.coarse, predict.fine] (None where one is unset)."""
+    chain = settings.stages if settings.stages is not None else [settings.coarse, settings.fine]
+    return [entry[0] if isinstance(entry, list) and len(entry) == 1 else entry for entry in chain]
+
+
+def checkpoint_files(settings: PredictConfig) -> list[Path | None]:
+    """Every checkpoint file the chain reads, the members of each ensemble in order (None for an unset coarse or
+    fine): what a folder's prediction_settings.json fingerprints."""
+    files: list[Path | None] = []
+    for entry in stage_checkpoints(settings):
+        files.extend(entry if isinstance(entry, list) else [entry])
+    return files
 
 
 def _label_subset(wanted: list[str | int] | None, names: list[str]) -> np.ndarray | None:
@@ -181,6 +221,11 @@ class StepNames:
     def all(self) -> tuple[str, ...]:
         middle = (self.roi, "box") if self.roi is not None else ()
         return ("read", *middle, *self.segmenters, "postprocess", "write")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The steps that run a network, in order: the keys of `CaseTimings.passes`."""
+        return (self.roi, *self.segmenters) if self.roi is not None else self.segmenters
 
 
 def _step_names(stages: list[StageModel], roi_first: bool) -> StepNames:
