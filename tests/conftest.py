@@ -29,6 +29,16 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     return train_tiny(data, root / "coarse", "coarse", LABELS), train_tiny(data, root / "fine", "fine", LABELS)
 
 
+@pytest.fixture(scope="session")
+def smoke_demo(tmp_path_factory):
+    """`flareseg demo` at its smoke settings, run once for the session: tests/test_demo.py checks it, and
+    tests/test_bench.py hands it to bench/compare_precision.py (whose --tiny run would run this same demo again)."""
+    from flareseg.demo import SMOKE_SETTINGS, run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return run_demo(out, minutes=0.0, device="cpu", settings=SMOKE_SETTINGS, progress=False)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not ABDOMEN_IMAGE.is_file() or not DICOM_SERIES.is_dir():

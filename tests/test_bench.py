@@ -32,22 +32,46 @@ SCRIPTS = {
     "compare_precision.py": "differs from torch fp32",
 }
 NEEDS_OPENVINO = {"compare_precision.py"}
+# Seconds of each tiny run alone on 2 cores (compare_precision.py with the session's demo); the longest start first,
+# so that the two runs at a time end together.
+SECONDS = {
+    "bench_backends.py": 27,
+    "bench_cohort.py": 26,
+    "compare_cps.py": 14,
+    "bench_train.py": 12,
+    "bench_predict.py": 11,
+    "compare_nnunet.py": 10,
+    "compare_precision.py": 14,
+    "bench_prepare.py": 6,
+    "bench_resample.py": 4,
+    "bench_read.py": 3,
+}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+def runs(tmp_path_factory, request) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Every script's tiny run, two at a time: most of a run is starting Python, importing and exporting, which
-    leaves the second core idle. Each run has its own folders (export cache included), so none sees another's."""
+    leaves the second core idle. Each run has its own folders (export cache included), so none sees another's, but
+    compare_precision.py: it compares the backends on the session's smoke demo (its --tiny run would run that same
+    demo first), with the export cache that the demo's prediction filled. Each run computes in one thread: two
+    runs of two threads on 2 cores wait for one another (torch's OpenMP threads spin while they wait)."""
     scripts = [s for s in SCRIPTS if openvino_available() or s not in NEEDS_OPENVINO]
+    scripts.sort(key=SECONDS.get, reverse=True)
+    demo = request.getfixturevalue("smoke_demo") if "compare_precision.py" in scripts else None
 
     def run(script: str) -> tuple[subprocess.CompletedProcess, Path]:
         folder = tmp_path_factory.mktemp(script.removesuffix(".py"))
         command = [sys.executable, str(BENCH / script), "--tiny"]
+        env = {**os.environ, "FLARESEG_CACHE_DIR": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
         if script == "compare_nnunet.py":  # whatever venv this machine has: the missing-venv path, n/a for nnU-Net
             command += ["--nnunet-venv", str(folder / "no-venv"), "--work", str(folder / "work")]
         if script in ("bench_predict.py", "compare_nnunet.py"):  # OpenVINO's runs: bench_backends, compare_precision
             command += ["--backend", "torch"]
-        env = {**os.environ, "FLARESEG_CACHE_DIR": str(folder / "cache")}
+        if script in ("bench_backends.py", "compare_cps.py"):  # (they set torch's threads themselves)
+            command += ["--threads", "1"]
+        if script == "compare_precision.py":
+            command += ["--demo", str(demo.out)]
+            env["FLARESEG_CACHE_DIR"] = os.environ["FLARESEG_CACHE_DIR"]  # the session's (conftest.py)
         return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env), folder
 
     with ThreadPoolExecutor(2) as pool:

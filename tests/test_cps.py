@@ -129,5 +129,7 @@ def test_selected_unlabeled_cases_and_inference_with_net_b(data, tmp_path):
         "-q",
         "--stages",  # net B alone segments the whole volume (a fine stage is no ROI stage)
         str(tmp_path / "run" / LATEST_B),
+        "--set",  # PyTorch spares an OpenVINO export (~6 s); the default backend is tested in test_backends.py
+        "predict.backend=torch",
     ]
     assert main(args) == 0 and (tmp_path / "out" / "case.nii.gz").is_file()

@@ -20,9 +20,9 @@ TINY = SMOKE_SETTINGS  # seconds per phase (the real defaults are exercised by `
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    return run_demo(out, minutes=0.0, device="cpu", settings=TINY, progress=False)
+def demo(smoke_demo):
+    """run_demo(out, minutes=0.0, device="cpu", settings=TINY, progress=False), once for the session (conftest.py)."""
+    return smoke_demo
 
 
 def _report_table(report: str) -> dict[str, tuple[float, float]]:

@@ -10,12 +10,13 @@ from flareseg.checkpoint import save_checkpoint
 from flareseg.cli import main
 from flareseg.config import load_config, to_plain
 from flareseg.models import build_model
-from flareseg.models.export import export_onnx, export_torchscript
+from flareseg.models.export import export_torchscript
 
 SMALL = ["model.channels=[4,8,8,16,16]", "model.num_classes=3", "model.input_size=[32,40,36]"]
 
 
-@pytest.mark.parametrize("name", ["efficient_segnet", "base_unet", "small_unet"])
+# EfficientSegNet's TorchScript export: test_export_command_loads_weights_and_writes_both_formats
+@pytest.mark.parametrize("name", ["base_unet", "small_unet"])
 def test_torchscript_export_gives_the_same_output(tmp_path, name):
     channels = "model.channels=[8,16,16,32]" if name == "small_unet" else SMALL[0]
     config = load_config(None, [*SMALL, channels, f"model.name={name}"])
@@ -29,20 +30,9 @@ def test_torchscript_export_gives_the_same_output(tmp_path, name):
         assert torch.allclose(loaded(other), model(other), atol=1e-5)
 
 
-def test_onnx_export_gives_the_same_output(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    model = build_model(load_config(None, SMALL)).eval()
-    x = torch.randn(1, 1, 32, 40, 36)
-    path = export_onnx(model, x, tmp_path / "model.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    other = torch.randn(1, 1, 32, 40, 36)
-    (out,) = session.run(None, {"image": other.numpy()})
-    with torch.no_grad():
-        assert np.allclose(out, model(other).numpy(), atol=1e-4)
-
-
 def test_export_command_loads_weights_and_writes_both_formats(tmp_path, capsys):
+    """Also the ONNX export's test (export_onnx through the command): its output on an input other than the one it
+    was exported with (the command's own random example) is the model's."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     config = load_config(None, SMALL)

@@ -92,7 +92,7 @@ def test_select_unlabeled_command(run, tmp_path):
     expected_selection = [c for c in result["scores"] if c not in result["missing_labels"]]
     assert result["selected"] == expected_selection
     # The final checkpoint compared with itself is perfectly reliable.
-    same = [*args[:11], str(run / "fine" / "checkpoint_epoch_0003.pt"), "--threshold", "0.99"]
+    same = [*args[:11], str(run / "fine" / "checkpoint_epoch_0003.pt"), "--threshold", "0.99", *args[-2:]]
     write_image(tmp_path / "one" / "case_0000.nii.gz", *_image(images))
     same[2] = str(tmp_path / "one")
     assert main(same) == 0
