@@ -20,7 +20,7 @@ from flareseg.data.prepared import PreparedData
 from flareseg.io import read_image, to_canonical, write_image
 from flareseg.planning import plan_dataset
 from flareseg.planning.decide import MIN_ORGAN_VOXELS, StageNetwork, make_plan
-from flareseg.planning.fingerprint import Fingerprint, case_fingerprint
+from flareseg.planning.fingerprint import Fingerprint, case_fingerprint, fingerprint_dataset
 from flareseg.planning.network_memory import NetworkMemory
 
 FLARE21 = {1: 1, 2: 2, 13: 2, 3: 3, 4: 4}  # FLARE22 ids -> liver, kidney (both sides), spleen, pancreas
@@ -35,8 +35,11 @@ REFERENCE_MEMORY = {  # measured for the FLARE21 pair (network_memory), fixed he
 }
 
 
-def write_cases(root: Path, count: int, label_map: dict[int, int] | None = None, seed: int = 0, **options) -> Path:
-    """`count` phantoms as images/<case>_0000.nii.gz and labels/<case>.nii.gz, labels renumbered by `label_map`."""
+def write_cases(
+    root: Path, count: int, label_map: dict[int, int] | None = None, seed: int = 0, prefix: str = "case", **options
+) -> Path:
+    """`count` phantoms as images/<prefix><k>_0000.nii.gz and labels/<prefix><k>.nii.gz, labels renumbered by
+    `label_map`."""
     table = np.arange(256, dtype=np.uint8)
     if label_map is not None:
         table[:] = 0
@@ -44,8 +47,8 @@ def write_cases(root: Path, count: int, label_map: dict[int, int] | None = None,
             table[source] = target
     for index in range(count):
         phantom = make_phantom(phantom_case_seed(seed, index), **options)
-        write_image(root / "images" / f"case{index:02d}_0000.nii.gz", phantom.image, phantom.geometry)
-        write_image(root / "labels" / f"case{index:02d}.nii.gz", table[phantom.label], phantom.geometry)
+        write_image(root / "images" / f"{prefix}{index:02d}_0000.nii.gz", phantom.image, phantom.geometry)
+        write_image(root / "labels" / f"{prefix}{index:02d}.nii.gz", table[phantom.label], phantom.geometry)
     return root
 
 
@@ -140,6 +143,40 @@ def test_in_plane_spacing_sets_the_target_and_the_fine_grid_holds_the_box(in_pla
     # the box of all labels + margin fits the grid at the target spacing: no organ voxel is lost to resizing
     assert all(n * s >= b - 1e-6 for n, s, b in zip(size, [2.5, in_plane, in_plane], box))
     assert all(n % 16 == 0 for n in size)
+
+
+@pytest.mark.parametrize(
+    "spacing", [(5.0, 0.6, 0.6), (1.0, 1.0, 1.0)], ids=["in-plane 0.6 mm, 5 mm slices", "in-plane 1.0 mm, 1 mm slices"]
+)
+def test_phantoms_at_native_spacing_get_grids_that_hold_every_organ(spacing, tmp_path):
+    """One full-resolution phantom (22 M and 40 M voxels) fingerprinted from its files; what its grids hold is
+    counted on its own label map with numpy."""
+    phantom = make_phantom(phantom_case_seed(5, 0), spacing=spacing, orientation="identity")
+    table = np.zeros(256, dtype=np.uint8)
+    for source, target in FLARE21.items():
+        table[source] = target
+    label = table[phantom.label]
+    write_image(tmp_path / "case_0000.nii", phantom.image, phantom.geometry)
+    write_image(tmp_path / "case.nii", label, phantom.geometry)
+    fingerprint = fingerprint_dataset(
+        [CaseFiles("case", tmp_path / "case_0000.nii", tmp_path / "case.nii")],
+        {k + 1: name for k, name in enumerate(FLARE21_NAMES)},
+        workers=1,
+    )
+    plan = make_plan(fingerprint, REFERENCE_MEMORY["coarse"], REFERENCE_MEMORY["fine"], 80.0)
+    assert plan.value("plan.target_spacing") == list(spacing)
+    extent = np.array(label.shape) * np.array(spacing)  # identity direction: array axes are z, y, x
+    # coarse: one resize of the whole volume, where every organ keeps MIN_ORGAN_VOXELS voxels
+    coarse_voxel_mm3 = math.prod(extent / np.array(plan.value("prepare.grids.coarse.size")))
+    voxels = np.bincount(label.ravel(), minlength=len(FLARE21_NAMES) + 1)[1:]
+    assert (voxels > 0).all()
+    assert (voxels * math.prod(spacing) / coarse_voxel_mm3 >= MIN_ORGAN_VOXELS).all(), voxels
+    # fine: the box of all labels + the margin on each side fits the grid at (at most) the data's spacing
+    where = np.nonzero(label)
+    box = np.array([(where[a].max() + 1 - where[a].min()) * spacing[a] for a in range(3)])
+    box += 2 * plan.value("prepare.grids.fine.margin_mm")
+    fine_spacing = box / np.array(plan.value("prepare.grids.fine.size"))
+    assert (fine_spacing <= np.array(spacing) + 1e-6).all(), fine_spacing
 
 
 def test_memory_budget_coarsens_the_finest_axes_first():
@@ -285,10 +322,6 @@ def test_layout_copies_give_the_same_plan(flare21_cases, tmp_path):
 
 
 def test_a_planned_config_prepares_trains_and_predicts(flare21_cases, tmp_path):
-    from flareseg.engine.trainer import Trainer
-    from flareseg.inference.batch import predict_folder
-    from tests.tiny import CPU
-
     out = tmp_path / "configs"
     plan_dataset(
         out,
@@ -299,15 +332,53 @@ def test_a_planned_config_prepares_trains_and_predicts(flare21_cases, tmp_path):
         gpu_memory_gb=12.0,
         workers=1,
     )
-    prepared = prepare_dataset(load_config(out / "data_prepare.yaml"), progress=False)
-    assert prepared.ok and len(prepared.prepared) == 4
-    data = PreparedData(load_config(out / "coarse.yaml").train.data)
-    assert len(data.labeled_ids()) == 4
-    for case_id in data.labeled_ids():  # every organ of every case survives on both planned grids
-        record = data.record(case_id)
-        source = set(np.unique(read_image(flare21_cases / "labels" / f"{case_id}.nii.gz")[0]).tolist()) - {0}
+    row = prepare_train_and_predict(out, flare21_cases, "case00", tmp_path)
+    assert row["coarse_passes"] == 1  # one resize of the whole volume: one network pass
+
+
+def test_whole_body_fields_of_view_plan_a_tiled_coarse_stage_that_runs_end_to_end(tmp_path):
+    """Three abdominal phantoms (~265 mm of z) and two whole-body-sized ones (896 mm): the plan keeps the coarse
+    spacing and tiles it; prepare, training and prediction take that config as they are."""
+    cases = write_cases(tmp_path / "cases", 3, FLARE21, shape=(32, 72, 72))
+    write_cases(cases, 2, FLARE21, seed=1, prefix="body", shape=(112, 72, 72), spacing=(8.0, 5.5, 5.5))
+    out = tmp_path / "configs"
+    # 1.02 GB holds a 24^3 patch of the tiny coarse network at batch 2: a whole-body volume needs several
+    result = plan_dataset(
+        out,
+        images=cases / "images",
+        labels=cases / "labels",
+        label_names=FLARE21_NAMES,
+        networks=TINY_NETWORKS,
+        gpu_memory_gb=1.02,
+        workers=1,
+    )
+    keys = [decision.key for decision in result.plan.decisions]
+    assert "prepare.grids.coarse.spacing" in keys and "prepare.grids.coarse.size" not in keys
+    patch = result.plan.value("coarse.model.input_size")
+    spacing = result.plan.value("prepare.grids.coarse.spacing")
+    row = prepare_train_and_predict(out, cases, "body00", tmp_path)
+    whole_body = np.array([112 * 8.0, 72 * 5.5, 72 * 5.5]) / np.array(spacing)
+    windows = math.prod(math.ceil(n / p) for n, p in zip(whole_body, patch))
+    assert row["coarse_passes"] >= windows > 1  # the whole-body volume was tiled, not resized into one patch
+
+
+def prepare_train_and_predict(configs: Path, cases: Path, case_id: str, tmp_path: Path) -> dict:
+    """Prepare the planned config's cases (every organ of every case must survive on both grids), train each stage
+    one step, predict `case_id` with the planned predict.yaml; returns its timing row."""
+    from flareseg.engine.trainer import Trainer
+    from flareseg.inference.batch import predict_folder
+    from tests.tiny import CPU
+
+    prepared = prepare_dataset(load_config(configs / "data_prepare.yaml"), progress=False)
+    cases_in = sorted(path.name.replace(".nii.gz", "") for path in (cases / "labels").iterdir())
+    assert prepared.ok and len(prepared.prepared) == len(cases_in)
+    data = PreparedData(load_config(configs / "coarse.yaml").train.data)
+    assert data.labeled_ids() == cases_in
+    for labeled in cases_in:  # every organ of every case survives on both planned grids
+        record = data.record(labeled)
+        source = set(np.unique(read_image(cases / "labels" / f"{labeled}.nii.gz")[0]).tolist()) - {0}
         for grid in ("coarse", "fine"):
-            assert set(np.unique(data.load_array(record, f"{grid}_label")).tolist()) - {0} == source, (case_id, grid)
+            assert set(np.unique(data.load_array(record, f"{grid}_label")).tolist()) - {0} == source, (labeled, grid)
     quick = [
         "train.epochs=1",
         "train.iterations_per_epoch=1",
@@ -317,24 +388,26 @@ def test_a_planned_config_prepares_trains_and_predicts(flare21_cases, tmp_path):
         "train.batch_size=1",
     ]
     for stage in ("coarse", "fine"):
-        Trainer(load_config(out / f"{stage}.yaml", quick), CPU).fit()
+        Trainer(load_config(configs / f"{stage}.yaml", quick), CPU).fit()
     predict = load_config(
-        out / "predict.yaml",
+        configs / "predict.yaml",
         [
-            f"predict.coarse={out / 'work/coarse/checkpoint_latest.pt'}",
-            f"predict.fine={out / 'work/fine/checkpoint_latest.pt'}",
+            f"predict.coarse={configs / 'work/coarse/checkpoint_latest.pt'}",
+            f"predict.fine={configs / 'work/fine/checkpoint_latest.pt'}",
             "predict.device=cpu",
             "predict.backend=torch",
         ],
     )
     source = tmp_path / "one"
     source.mkdir()
-    shutil.copy(flare21_cases / "images" / "case00_0000.nii.gz", source)
+    shutil.copy(cases / "images" / f"{case_id}_0000.nii.gz", source)
     summary = predict_folder(predict, source, tmp_path / "predicted", progress=False)
-    assert summary.ok and summary.predicted == ["case00"]
-    label, geometry = read_image(tmp_path / "predicted" / "case00.nii.gz")
-    _, source_geometry = read_image(source / "case00_0000.nii.gz")
-    assert geometry == source_geometry and label.max() <= 4
+    assert summary.ok and summary.predicted == [case_id]
+    label, geometry = read_image(tmp_path / "predicted" / f"{case_id}.nii.gz")
+    _, source_geometry = read_image(source / f"{case_id}_0000.nii.gz")
+    assert geometry == source_geometry and label.max() <= len(FLARE21_NAMES)
+    (row,) = summary.rows
+    return row
 
 
 def test_per_label_minimum_volumes_drop_small_parts_of_their_label_only():
