@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -90,33 +91,56 @@ def checkpoint_overrides(folder: Path, tiny: bool) -> list[str]:
     return overrides
 
 
-def run_processes(job: dict, processes: list[tuple], out: Path, cases: int | None = None) -> dict:
-    """Start one fresh process per shard at once; their results and the mode's cases/hour."""
+def run_processes(
+    job: dict, processes: list[tuple], out: Path, cases: int | None = None, barrier: Path | None = None
+) -> dict:
+    """Start one fresh process per shard at once; their results and the mode's cases/hour.
+
+    With `barrier` (a folder), each process loads its networks and predicts one warm-up case, then waits there
+    until all have done so: the case loops start together, whatever each process spent loading and compiling.
+    """
     code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_cohort as b; "
     code += "print(json.dumps(b.measure(**json.loads(sys.argv[1]))))"
     running = []
     for read_ahead, threads, part, parts in processes:
         spec = {**job, "out": str(out), "read_ahead": read_ahead, "threads": threads, "part": part, "parts": parts}
         spec["limit"] = cases
-        running.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code, json.dumps(spec)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+        if barrier is not None:
+            spec["barrier"] = str(barrier)
+        output, errors = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: no pipe fills up
+        process = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=output, stderr=errors)
+        running.append((process, output, errors))
+    if barrier is not None:
+        _release(barrier, [process for process, _, _ in running])
+    for process, _, _ in running:
+        process.wait()
+    failed = [(p.returncode, errors) for p, _, errors in running if p.returncode != 0]
+    if failed:  # the report of one that failed by itself, not of one that _release ended
+        errors = sorted(failed, key=lambda item: item[0] < 0)[0][1]
+        errors.seek(0)
+        raise RuntimeError(f"a measuring process failed:\n{errors.read()[-3000:]}")
     results = []
-    for process in running:
-        stdout, stderr = process.communicate()
-        if process.returncode != 0:
-            raise RuntimeError(f"a measuring process failed:\n{stderr[-3000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    for _, output, _ in running:
+        output.seek(0)
+        results.append(json.loads(output.read().strip().splitlines()[-1]))
     done = sum(result["cases"] for result in results)
     return {"processes": results, "cases_per_hour": 3600.0 * done / max(result["seconds"] for result in results)}
 
 
-def measure(overrides, images, label, out, read_ahead, threads, part, parts, limit) -> dict:
+def _release(barrier: Path, processes: list[subprocess.Popen]) -> None:
+    """Let the processes start their case loops once every one is ready; if one ends before (it failed), end the
+    others, which would wait for it forever."""
+    while len(list(barrier.glob("ready_*"))) < len(processes):
+        if any(process.poll() is not None for process in processes):
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+            return
+        time.sleep(0.05)
+    (barrier / "go").touch()
+
+
+def measure(overrides, images, label, out, read_ahead, threads, part, parts, limit, barrier=None) -> dict:
     """In a fresh process: predict_folder on this shard, every stage handing on the phantom's labels."""
     import flareseg.inference.batch as batch
     from flareseg.memory import _proc_status_mb, peak_rss_mb
@@ -126,6 +150,12 @@ def measure(overrides, images, label, out, read_ahead, threads, part, parts, lim
     def predictor_with_phantom_outputs(settings):
         predictor = real(settings)
         use_phantom_outputs(predictor, label)
+        if barrier is not None:
+            first = sorted(Path(images).iterdir())[0]
+            predictor.predict_file(first, Path(f"{out}_warmup_{part}") / first.name)  # (no cases yet in `out`)
+            (Path(barrier) / f"ready_{part}").touch()
+            while not (Path(barrier) / "go").exists():
+                time.sleep(0.01)
         return predictor
 
     batch.Predictor = predictor_with_phantom_outputs

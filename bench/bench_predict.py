@@ -1,7 +1,7 @@
 """Per-case inference time and peak memory on a 512x512x200 CT, with the breakdown by step.
 
     python bench/bench_predict.py [--image CT] [--repeats 3] [--device auto|cpu|cuda] [--backend auto|torch|openvino]
-                                  [--precision auto|fp32|bf16|fp16] [--outputs phantom|network]
+                                  [--precision auto|fp32|bf16|fp16] [--outputs phantom|network] [--json OUT]
     python bench/bench_predict.py --tiny        # a seconds-long smoke run (used by the tests)
 
 Reference-size networks with random weights (their cost does not depend on the weights): coarse BaseUNet 8..128 at
@@ -18,7 +18,9 @@ noise (the worst case; the only choice with --image).
 How it is measured. A first process fills the ONNX export cache (as a first `predict` would). A second, fresh
 process loads the models, predicts one warm-up case, then `--repeats` cases, each a whole `predict` from reading to
 writing. Figures: the median per case; "case peak" is the peak resident set during a case, "process peak" the
-peak of that whole process (loading, warm-up and every case), what a container's memory limit sees.
+peak of that whole process (loading, warm-up and every case), what a container's memory limit sees. On CUDA, "GPU
+MB" is torch's peak allocated memory per case; --json also holds its peak reserved memory and the device's memory
+in use after the cases (the CUDA context included, what nvidia-smi shows).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
         "--outputs", choices=("phantom", "network"), help="see above (default: phantom without --image)"
     )
     parser.add_argument("--tiny", action="store_true", help="small phantom and networks: checks that the script runs")
+    parser.add_argument("--json", type=Path, help="also write the figures (medians) to this file")
     args = parser.parse_args()
     outputs = args.outputs or ("network" if args.image else "phantom")
     if outputs == "phantom" and args.image:
@@ -102,6 +105,8 @@ def main() -> None:
             in_fresh_process(job, repeats=0)  # fills the export cache, as the first `predict` with these would
         result = in_fresh_process(job, repeats)
     report(result, args, outputs, repeats)
+    if args.json:
+        args.json.write_text(json.dumps(figures(result, outputs, repeats), indent=1) + "\n")
 
 
 def in_fresh_process(job: dict, repeats: int) -> dict:
@@ -132,7 +137,20 @@ def measure(overrides: list[str], image: str, label: str | None, tmp: str, repea
             reset_peak_memory(predictor.device)
         timings = predictor.predict_file(image, Path(tmp) / f"out{k}.nii.gz")
         gpu = peak_cuda_mb(predictor.device) if predictor.device.type == "cuda" else None
-        runs.append({"total": sum(timings.steps.values()), "steps": timings.steps, "rss": peak_rss_mb(), "gpu": gpu})
+        reserved = torch.cuda.max_memory_reserved(predictor.device) / 2**20 if gpu is not None else None
+        runs.append(
+            {
+                "total": sum(timings.steps.values()),
+                "steps": timings.steps,
+                "rss": peak_rss_mb(),
+                "gpu": gpu,
+                "gpu_reserved": reserved,
+            }
+        )
+    gpu_used = None
+    if predictor.device.type == "cuda":  # what nvidia-smi shows: the CUDA context and torch's cache included
+        free, total = torch.cuda.mem_get_info(predictor.device)
+        gpu_used = (total - free) / 2**20
     backends = sorted({f"{stage.backend} {stage.precision}" for stage in [predictor.roi, *predictor.segmenters]})
     return {
         "runs": runs,
@@ -142,6 +160,7 @@ def measure(overrides: list[str], image: str, label: str | None, tmp: str, repea
         "threads": torch.get_num_threads(),
         "shape": "x".join(map(str, read_image(image)[0].shape[::-1])),
         "process_peak": max([loading_and_warmup, *(run["rss"] for run in runs)]),
+        "gpu_used": gpu_used,
     }
 
 
@@ -171,6 +190,28 @@ def use_phantom_outputs(predictor, label_path: str) -> None:
     for stage in [predictor.roi, *predictor.segmenters]:
         if stage is not None:
             stage.label_map = stage_outputs(stage)
+
+
+def figures(result: dict, outputs: str, repeats: int) -> dict:
+    """The medians of the measured cases (for --json); GPU memory in MB: torch's peak allocated and reserved
+    memory per case, and the device memory in use after the cases (CUDA context included)."""
+    runs, median = result["runs"], statistics.median
+    on_gpu = bool(runs) and runs[0]["gpu"] is not None
+    return {
+        "seconds": median(run["total"] for run in runs),
+        "steps": {step: median(run["steps"].get(step, 0.0) for run in runs) for step in result["steps"]},
+        "case_peak_rss_mb": median(run["rss"] for run in runs),
+        "process_peak_rss_mb": result["process_peak"],
+        "peak_gpu_mb": median(run["gpu"] for run in runs) if on_gpu else None,
+        "peak_gpu_reserved_mb": median(run["gpu_reserved"] for run in runs) if on_gpu else None,
+        "gpu_used_mb": result["gpu_used"],
+        "device": result["device"],
+        "backends": result["backends"],
+        "threads": result["threads"],
+        "shape": result["shape"],
+        "outputs": outputs,
+        "repeats": repeats,
+    }
 
 
 def report(result: dict, args, outputs: str, repeats: int) -> None:
