@@ -25,6 +25,7 @@ setup(
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         "openvino": ["openvino>=2025.0", "onnx>=1.16", "onnxscript>=0.3"],
         "dicom": ["highdicom>=0.22", "rt-utils>=1.2.7"],  # DICOM-SEG and RTSTRUCT outputs
+        "int8": ["nncf>=2.14", "openvino>=2025.0", "onnx>=1.16", "onnxscript>=0.3"],  # predict.precision: int8
         "test": [
             "pytest>=7",
             "surface-distance>=0.1",
@@ -32,6 +33,7 @@ setup(
             "onnxscript>=0.3",
             "onnxruntime>=1.18",
             "openvino>=2025.0",
+            "nncf>=2.14",
             "highdicom>=0.22",
             "rt-utils>=1.2.7",
         ],

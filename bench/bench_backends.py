@@ -4,7 +4,9 @@
     python bench/bench_backends.py --tiny       # a seconds-long smoke run (used by the tests)
 
 Coarse BaseUNet 8..128 at 160^3 and fine EfficientSegNet 16..256 at 192^3, 13 classes, random weights, batch 1,
-logits out: eager PyTorch fp32, OpenVINO fp32 and OpenVINO bf16 (ONNX exports cached before timing starts). The
+logits out: eager PyTorch fp32, OpenVINO fp32, OpenVINO bf16 (where the CPU computes it natively) and OpenVINO int8
+(where NNCF is installed; quantized on CALIBRATION_INPUTS random inputs: speed only, the accuracy of int8 on trained
+networks is bench/compare_precision.py's) (exports and int8 models made before timing starts). The
 variants alternate within each repeat; figures are medians and speed-ups are taken within the run. The largest
 logit difference of OpenVINO fp32 is given against the logits' range (bf16's accuracy on trained networks:
 bench/compare_precision.py).
@@ -17,17 +19,20 @@ multiply-adds x 2 divided by the best throughput measured, and "x floor" says ho
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
 from flareseg.inference.backends import OpenVinoRunner, cpu_has_native_bf16, openvino_available
+from flareseg.inference.quantize import int8_folder, quantize_network, read_record
 from flareseg.models import build_model
 from flareseg.models.complexity import count_multiply_adds
 
@@ -43,19 +48,50 @@ NETWORKS = {
         "model.input_size=[192,192,192]",
     ],
 }
-VARIANTS = ("torch fp32", "openvino fp32", "openvino bf16")
+VARIANTS = ("torch fp32", "openvino fp32", "openvino bf16", "openvino int8")
+CALIBRATION_INPUTS = 4
+
+
+class RandomInputs:
+    """int8 calibration for a speed benchmark: a few seeded random inputs (the same ones on every pass)."""
+
+    def __init__(self, size: tuple[int, int, int], count: int = CALIBRATION_INPUTS):
+        self.size, self.count = size, count
+
+    def __iter__(self):
+        generator = np.random.default_rng(0)
+        for _ in range(self.count):
+            yield generator.standard_normal((1, 1, *self.size), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def describe(self) -> dict:
+        return {"inputs": self.count, "source": "random normal inputs (bench/bench_backends.py: speed only)"}
 
 
 def runners(model: nn.Module, checkpoint: Path, size: tuple[int, int, int], threads: int, variants) -> dict:
-    """One logits runner per variant ("torch fp32", "openvino fp32", "openvino bf16")."""
+    """One logits runner per variant ("torch fp32", "openvino fp32", "openvino bf16", "openvino int8")."""
     found = {}
     for variant in variants:
         backend, precision = variant.split()
         if backend == "torch":
             found[variant] = model
-        else:
-            found[variant] = OpenVinoRunner(model, checkpoint, size, threads, precision, "logits")
+            continue
+        if precision == "int8" and read_record(int8_folder(model, checkpoint, size, "logits")) is None:
+            quantize_network(model, checkpoint, size, "logits", RandomInputs(size))
+        found[variant] = OpenVinoRunner(model, checkpoint, size, threads, precision, "logits")
     return found
+
+
+def available_variants() -> tuple[str, ...]:
+    """The variants this machine runs: bf16 where the CPU computes it natively, int8 where NNCF is installed."""
+    skip = set()
+    if not cpu_has_native_bf16():
+        skip.add("openvino bf16")
+    if importlib.util.find_spec("nncf") is None:
+        skip.add("openvino int8")
+    return tuple(variant for variant in VARIANTS if variant not in skip)
 
 
 def time_variants(found: dict, image: torch.Tensor, repeats: int) -> tuple[dict, dict]:
@@ -95,7 +131,7 @@ def main() -> None:
         raise SystemExit("the openvino extra is not installed: pip install 'flareseg[openvino]'")
     torch.set_num_threads(args.threads)
     repeats = 1 if args.tiny else args.repeats
-    variants = VARIANTS if cpu_has_native_bf16() else VARIANTS[:2]
+    variants = available_variants()
     rows = []
     with tempfile.TemporaryDirectory(prefix="flareseg-backends-") as tmp:
         tmp = Path(tmp)
@@ -122,8 +158,9 @@ def main() -> None:
         "| network | multiply-adds G | "
         + " | ".join(f"{variant} s" for variant in variants)
         + f" | {variants[-1]} speed-up | {variants[-1]} GFLOP/s | floor s | x floor | openvino fp32 max logit diff |"
+        + " int8 vs fastest float OpenVINO |"
     )
-    print("|---" * (len(variants) + 7) + "|")
+    print("|---" * (len(variants) + 8) + "|")
     for name, multiply_adds, medians, difference in rows:
         fastest = medians[variants[-1]]
         floor = 2 * multiply_adds / best / 1e9
@@ -131,8 +168,13 @@ def main() -> None:
             f"| {name} | {multiply_adds / 1e9:.0f} | "
             + " | ".join(f"{medians[variant]:.2f}" for variant in variants)
             + f" | {medians['torch fp32'] / fastest:.2f}x | {2 * multiply_adds / fastest / 1e9:.0f} | {floor:.2f} |"
-            + f" {fastest / floor:.1f} | {difference:.1e} |"
+            + f" {fastest / floor:.1f} | {difference:.1e} | {_int8_ratio(medians)} |"
         )
+
+
+def _int8_ratio(medians: dict) -> str:
+    floats = [medians[variant] for variant in ("openvino fp32", "openvino bf16") if variant in medians]
+    return f"{min(floats) / medians['openvino int8']:.2f}x" if "openvino int8" in medians else "-"
 
 
 if __name__ == "__main__":

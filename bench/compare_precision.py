@@ -1,18 +1,21 @@
-"""Does OpenVINO in bf16 give trained networks the same labels as PyTorch in fp32? Scores and voxel agreement.
+"""Do OpenVINO in bf16 and int8 give trained networks the same labels as PyTorch in fp32? Scores, voxel agreement.
 
     python bench/compare_precision.py --demo DIR     # a finished `flareseg demo --out DIR` (trained models)
     python bench/compare_precision.py [--minutes 10] # runs the demo first, into a temporary folder
     python bench/compare_precision.py --tiny         # seconds-long smoke run (the tests): untrained tiny networks
 
 The demo's held-out phantoms are predicted with its trained coarse and fine checkpoints, once per
-backend/precision (torch fp32, openvino fp32, openvino bf16), and scored with the demo's protocol (FLARE21: DSC,
-NSD at 1 mm). "differs" is the share of voxels labelled foreground by either run whose label differs from the
-torch fp32 run's. Speed is measured by bench/bench_predict.py and bench/bench_backends.py, not here.
+backend/precision (torch fp32, openvino fp32, openvino bf16, and openvino int8 where NNCF is installed: both
+networks quantized first, as `flareseg quantize` does, calibrated on the demo's prepared training arrays), and
+scored with the demo's protocol (FLARE21: DSC, NSD at 1 mm), per organ and in the mean. "differs" is the share of
+voxels labelled foreground by either run whose label differs from the torch fp32 run's.
+Speed is measured by bench/bench_predict.py and bench/bench_backends.py, not here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -25,9 +28,11 @@ from flareseg.demo import PRESET, SMOKE_SETTINGS, DemoSettings, run_demo
 from flareseg.evaluation import evaluate_folder
 from flareseg.inference.backends import openvino_available
 from flareseg.inference.batch import predict_folder
+from flareseg.inference.quantize import DEFAULT_SAMPLES, int8_model
 from flareseg.io import read_image
+from flareseg.stage import TrainedStage
 
-VARIANTS = (("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
+VARIANTS = (("torch", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"))
 
 
 def predict_variant(demo: Path, out: Path, backend: str, precision: str) -> float:
@@ -79,12 +84,20 @@ def main() -> int:
             demo = tmp / "demo"
             minutes, settings = (0.0, SMOKE_SETTINGS) if args.tiny else (args.minutes, DemoSettings())
             run_demo(demo, minutes=minutes, device="cpu", settings=settings, progress=not args.tiny)
-        rows = []
-        for backend, precision in VARIANTS:
+        rows, organs = [], {}
+        variants = VARIANTS if importlib.util.find_spec("nncf") else VARIANTS[:-1]
+        if ("openvino", "int8") in variants:  # the int8 models, as `flareseg quantize` makes them (--tiny: 8 inputs)
+            for stage in ("coarse", "fine"):
+                trained = TrainedStage.load(demo / stage / "checkpoint_best.pt")
+                output = "classes" if trained.grid.spacing is None else "logits"
+                samples = 8 if args.tiny else DEFAULT_SAMPLES
+                int8_model(trained.network(), trained.path, trained.input_size, output, samples=samples)
+        for backend, precision in variants:
             out = tmp / f"{backend}-{precision}"
             seconds = predict_variant(demo, out, backend, precision)
             _, summary = evaluate_folder(demo / "phantoms" / "labelsTs", out, preset=PRESET)  # workers never fork
             rows.append((backend, precision, summary["mean"]["dsc"], summary["mean"]["nsd"], out, seconds))
+            organs[f"{backend} {precision}"] = summary["organs"]
         reference = rows[0][4]
         print(
             f"demo {args.demo or '(run here)'}: {len(list(reference.glob('*.nii.gz')))} held-out phantoms, "
@@ -95,6 +108,12 @@ def main() -> int:
         for backend, precision, dsc, nsd, out, seconds in rows:
             share = differing_share(reference, out)
             print(f"| {backend} | {precision} | {dsc:.4f} | {nsd:.4f} | {100 * share:.3f} % | {seconds:.2f} |")
+        print("\nper organ, DSC / NSD:")
+        print("| organ | " + " | ".join(organs) + " |")
+        print("|---|" + "---|" * len(organs))
+        for organ in organs["torch fp32"]:
+            cells = (f"{o[organ]['dsc']:.4f} / {o[organ]['nsd']:.4f}" for o in organs.values())
+            print(f"| {organ} | " + " | ".join(cells) + " |")
     return 0
 
 

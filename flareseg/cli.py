@@ -275,6 +275,14 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_quantize(args: argparse.Namespace) -> int:
+    from flareseg.inference.quantize import describe, quantize_checkpoint
+
+    for checkpoint in args.checkpoints:
+        print(describe(checkpoint, quantize_checkpoint(checkpoint, args.data, args.samples, args.threads)))
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from flareseg.demo import DemoError, run_demo
 

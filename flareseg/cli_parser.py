@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_select_unlabeled,
         _add_summary,
         _add_export,
+        _add_quantize,
         _add_demo,
         _add_show_config,
     ):
@@ -243,6 +244,23 @@ def _add_export(commands, flags: _SharedFlags) -> None:
     export.add_argument("--weights", type=Path, help="state dict or checkpoint to load (default: random init)")
     export.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=("torchscript", "onnx"))
     export.set_defaults(run="export")
+
+
+def _add_quantize(commands, flags: _SharedFlags) -> None:
+    quantize = commands.add_parser(
+        "quantize",
+        parents=[flags.quiet],
+        help="int8 models of trained stages for the OpenVINO CPU backend (NNCF), with their accuracy check",
+    )
+    quantize.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT", help="stage checkpoint(s)")
+    quantize.add_argument(
+        "--data", type=Path, help="the prepared folder to calibrate and check on (default: each checkpoint's)"
+    )
+    quantize.add_argument(
+        "--samples", type=_positive_int, default=300, help="calibration inputs drawn by the training sampler"
+    )
+    quantize.add_argument("--threads", type=_positive_int, help="CPU threads for the check (default: all cores)")
+    quantize.set_defaults(run="quantize")
 
 
 def _add_demo(commands, flags: _SharedFlags) -> None:

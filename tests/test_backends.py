@@ -51,8 +51,13 @@ def test_backend_choice():
         choose_backend("openvino", torch.device("cuda"), "fp16")
     with pytest.raises(ValueError, match="backend must be one of"):
         choose_backend("tensorrt", CPU, "fp32")
-    with pytest.raises(ValueError, match="runs in fp32 or bf16, not fp16"):
+    with pytest.raises(ValueError, match="runs in fp32, bf16 or int8, not fp16"):
         choose_backend("openvino", CPU, "fp16")
+    assert choose_backend("auto", CPU, "int8") == fastest
+    with pytest.raises(ValueError, match="int8 runs on the OpenVINO CPU backend"):
+        choose_backend("torch", CPU, "int8")
+    with pytest.raises(ValueError, match="int8 runs on the OpenVINO CPU backend"):
+        choose_backend("auto", torch.device("cuda"), "int8")
 
 
 def test_precision_choice():

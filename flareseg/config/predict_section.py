@@ -41,8 +41,9 @@ class PredictConfig:
     fine: Path | list[Path] | None = None  # fine checkpoint(s)
     stages: list[Path | list[Path]] | None = None  # any chain instead: first = ROI (whole volume), the rest inside it
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    # auto: fp16 on CUDA; on the CPU bf16 under OpenVINO where the CPU has native bf16, else fp32
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # auto: fp16 on CUDA; on the CPU under OpenVINO int8 for networks whose stored int8 check passed (flareseg
+    # quantize), else bf16 where the CPU has native bf16, else fp32. int8: OpenVINO only (the int8 extra)
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     threads: int | None = None  # CPU threads for torch and OpenVINO (null = all cores)
     backend: Literal["auto", "torch", "openvino"] = "auto"  # auto: openvino on the CPU when installed, else torch
     margin_mm: float = 20.0  # grown on every side of the coarse organ box before the fine model

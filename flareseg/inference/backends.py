@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 Runner = Callable[[torch.Tensor], torch.Tensor]
 Output = Literal["logits", "classes"]
 BACKENDS = ("auto", "torch", "openvino")
-OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # int8: an NNCF-quantized model (flareseg.inference.quantize)
+OPENVINO_CHOICES = ("auto", *OPENVINO_PRECISIONS, "int8")
 
 
 def openvino_available() -> bool:
@@ -59,15 +60,17 @@ def choose_backend(backend: str, device: torch.device, precision: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"predict.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        usable = device.type == "cpu" and precision in ("auto", *OPENVINO_PRECISIONS) and openvino_available()
-        return "openvino" if usable else "torch"
-    if backend == "openvino":
+        usable = device.type == "cpu" and precision in OPENVINO_CHOICES and openvino_available()
+        backend = "openvino" if usable else "torch"
+    elif backend == "openvino":
         if device.type != "cpu":
             raise ValueError(f"predict.backend 'openvino' runs on the CPU, but predict.device is {device}")
-        if precision not in ("auto", *OPENVINO_PRECISIONS):
-            raise ValueError(f"predict.backend 'openvino' runs in fp32 or bf16, not {precision}")
+        if precision not in OPENVINO_CHOICES:
+            raise ValueError(f"predict.backend 'openvino' runs in fp32, bf16 or int8, not {precision}")
         if not openvino_available():
             raise RuntimeError("predict.backend 'openvino' needs the openvino extra: pip install 'flareseg[openvino]'")
+    if precision == "int8" and backend != "openvino":
+        raise ValueError("predict.precision int8 runs on the OpenVINO CPU backend (pip install 'flareseg[int8]')")
     return backend
 
 
@@ -127,8 +130,10 @@ def torch_runner(model: nn.Module, device: torch.device, precision: str, channel
 
 
 class OpenVinoRunner:
-    """An OpenVINO CPU runner for `model` at its static `input_size`, in `precision` (fp32 or bf16), giving
-    `output` (logits, or class indices as uint8). The ONNX export is cached.
+    """An OpenVINO CPU runner for `model` at its static `input_size`, in `precision` (fp32, bf16 or int8), giving
+    `output` (logits, or class indices as uint8). The ONNX export is cached; int8 runs the network's NNCF-quantized
+    model (flareseg.inference.quantize: cached; quantized first where there is none), the layers NNCF leaves in
+    floating point in bf16 where the CPU computes it natively, else fp32.
 
     OpenVINO keeps its intermediate buffers after an inference (about 0.5 GB for the coarse network at 160^3 and
     0.8 GB for the fine one at 192^3, in bf16 with the class output), so two stages would hold both all the time.
@@ -145,13 +150,19 @@ class OpenVinoRunner:
         precision: str = "fp32",
         output: Output = "logits",
     ):
-        if precision not in OPENVINO_PRECISIONS:
-            raise ValueError(f"the OpenVINO backend runs in fp32 or bf16, not {precision}")
+        if precision not in OPENVINO_CHOICES[1:]:
+            raise ValueError(f"the OpenVINO backend runs in fp32, bf16 or int8, not {precision}")
         self.input_size, self.output = tuple(input_size), output
-        onnx_path = _cached_onnx(model, checkpoint, self.input_size, output)
+        if precision == "int8":
+            from flareseg.inference.quantize import int8_model
+
+            network_path = int8_model(model, checkpoint, self.input_size, output)
+            hint = "bf16" if cpu_has_native_bf16() else "f32"
+        else:
+            network_path, hint = cached_onnx(model, checkpoint, self.input_size, output), OPENVINO_PRECISIONS[precision]
         config = {
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "INFERENCE_PRECISION_HINT": hint,
             "CACHE_DIR": str(cache_dir() / "openvino"),  # compiled networks: later processes load, not compile
         }
         if threads is not None:  # None: OpenVINO's own default, every core
@@ -159,7 +170,7 @@ class OpenVinoRunner:
             # a process given fewer threads than cores shares the CPU (shards, --part/--parts): pinned, every such
             # process would put its threads on the same first cores, and two 1-thread shards ran at half speed
             config["ENABLE_CPU_PINNING"] = False
-        self.compiled = openvino_core().compile_model(str(onnx_path), "CPU", config)
+        self.compiled = openvino_core().compile_model(str(network_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -176,10 +187,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLARESEG_CACHE_DIR", Path.home() / ".cache" / "flareseg"))
 
 
-def _cached_onnx(model: nn.Module, checkpoint: Path, input_size: tuple[int, int, int], output: Output) -> Path:
+def cached_onnx(model: nn.Module, checkpoint: Path, input_size: tuple[int, int, int], output: Output) -> Path:
     from flareseg.models.export import export_onnx
 
-    digest = _network_digest(model, input_size, output)
+    digest = network_digest(model, input_size, output)
     path = cache_dir() / "onnx" / f"{checkpoint.stem}-{output}-{digest[:16]}.onnx"
     if not path.is_file():
         log.info("exporting %s for OpenVINO (once, cached in %s) ...", checkpoint, path.parent)
@@ -195,7 +206,7 @@ def _cached_onnx(model: nn.Module, checkpoint: Path, input_size: tuple[int, int,
     return path
 
 
-def _network_digest(model: nn.Module, input_size: tuple[int, int, int], output: Output) -> str:
+def network_digest(model: nn.Module, input_size: tuple[int, int, int], output: Output) -> str:
     """The key of an export: what decides its graph (the network's structure and weights, the input size, the
     output, the torch and flareseg versions), not the rest of the checkpoint file (history, paths), so that copies of
     a checkpoint, or a retraining to the same weights, share one export."""

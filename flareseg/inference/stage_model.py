@@ -87,10 +87,16 @@ class StageModel:
         self.fast = self.spacing is None and self.passes_per_window == 1
         output = "classes" if self.fast else "logits"
         self.backend = choose_backend(backend, device, precision)
+        networks = [member.network().to(device) for member in members]
         self.precision = choose_precision(precision, device, self.backend)
+        if precision == "auto" and self.backend == "openvino":
+            # int8 only for networks whose stored accuracy check passed (flareseg quantize), never by guess
+            from flareseg.inference.quantize import check_passed
+
+            if all(check_passed(net, path, self.input_size, output) for net, path in zip(networks, paths)):
+                self.precision = "int8"
         self.models, self._forwards = [], []
-        for path, member in zip(paths, members):
-            model = member.network().to(device)
+        for path, member, model in zip(paths, members, networks):
             if self.backend == "openvino":
                 forward = OpenVinoRunner(model, path, self.input_size, threads, self.precision, output)
             else:
