@@ -25,14 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
 from flareseg.inference.backends import OpenVinoRunner, cpu_has_native_bf16, openvino_available
-from flareseg.inference.quantize import int8_folder, quantize_network, read_record
+from flareseg.inference.quantize import RandomInputs, int8_folder, quantize_network, read_record
 from flareseg.models import build_model
 from flareseg.models.complexity import count_multiply_adds
 
@@ -52,24 +51,6 @@ VARIANTS = ("torch fp32", "openvino fp32", "openvino bf16", "openvino int8")
 CALIBRATION_INPUTS = 4
 
 
-class RandomInputs:
-    """int8 calibration for a speed benchmark: a few seeded random inputs (the same ones on every pass)."""
-
-    def __init__(self, size: tuple[int, int, int], count: int = CALIBRATION_INPUTS):
-        self.size, self.count = size, count
-
-    def __iter__(self):
-        generator = np.random.default_rng(0)
-        for _ in range(self.count):
-            yield generator.standard_normal((1, 1, *self.size), dtype=np.float32)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def describe(self) -> dict:
-        return {"inputs": self.count, "source": "random normal inputs (bench/bench_backends.py: speed only)"}
-
-
 def runners(model: nn.Module, checkpoint: Path, size: tuple[int, int, int], threads: int, variants) -> dict:
     """One logits runner per variant ("torch fp32", "openvino fp32", "openvino bf16", "openvino int8")."""
     found = {}
@@ -79,7 +60,7 @@ def runners(model: nn.Module, checkpoint: Path, size: tuple[int, int, int], thre
             found[variant] = model
             continue
         if precision == "int8" and read_record(int8_folder(model, checkpoint, size, "logits")) is None:
-            quantize_network(model, checkpoint, size, "logits", RandomInputs(size))
+            quantize_network(model, checkpoint, size, "logits", RandomInputs(size, CALIBRATION_INPUTS))
         found[variant] = OpenVinoRunner(model, checkpoint, size, threads, precision, "logits")
     return found
 

@@ -13,7 +13,8 @@ fine grid's 2x2x2 cells then hold several labels, and filtering components and r
 seconds on that noise and milliseconds on organ-shaped maps. With --outputs phantom (the default for the phantom)
 each stage runs its network for its cost and then hands on the phantom's own labels on its grid, so the box, the
 components, the resampling back and the writing see what a trained model gives them. --outputs network keeps the
-noise (the worst case; the only choice with --image).
+noise (the worst case; the only choice with --image). --precision int8 quantizes the random networks on a few
+random inputs (their cost does not depend on the calibration; accuracy: bench/compare_precision.py).
 
 How it is measured. A first process fills the ONNX export cache (as a first `predict` would). A second, fresh
 process loads the models, predicts one warm-up case, then `--repeats` cases, each a whole `predict` from reading to
@@ -39,6 +40,7 @@ from flareseg.checkpoint import save_checkpoint
 from flareseg.config import load_config, to_plain
 from flareseg.data.phantom import make_phantom
 from flareseg.data.resample import resize_label
+from flareseg.inference.quantize import RandomInputs, quantize_network
 from flareseg.io import read_image, to_canonical, write_image
 from flareseg.memory import _proc_status_mb, peak_cuda_mb, peak_rss_mb, reset_peak_memory
 from flareseg.models import build_model
@@ -58,6 +60,7 @@ NETWORKS = {  # the FLARE21 pair, each trained (here: random weights) on its def
     ],
 }
 TINY = {"coarse": ["model.input_size=[32,32,32]"], "fine": ["model.input_size=[32,32,32]"]}
+CALIBRATION_INPUTS = 4  # --precision int8: random inputs; int8's cost does not depend on its calibration
 
 
 def main() -> None:
@@ -66,7 +69,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="auto", help="predict.backend: auto, torch or openvino")
-    parser.add_argument("--precision", default="auto", help="predict.precision: auto, fp32, bf16 or fp16")
+    parser.add_argument(
+        "--precision", default="auto", help="predict.precision: auto, fp32, bf16, fp16 or int8 (speed only, see above)"
+    )
     parser.add_argument(
         "--outputs", choices=("phantom", "network"), help="see above (default: phantom without --image)"
     )
@@ -89,9 +94,13 @@ def main() -> None:
         for stage, overrides in NETWORKS.items():
             config = load_config(None, [*overrides, *(TINY[stage] if args.tiny else [])])
             torch.manual_seed(0)
+            model = build_model(config).eval()
             checkpoints[stage] = save_checkpoint(
-                tmp / f"{stage}.pt", {"model": build_model(config).state_dict(), "config": to_plain(config)}
+                tmp / f"{stage}.pt", {"model": model.state_dict(), "config": to_plain(config)}
             )
+            if args.precision == "int8":  # random weights have no data: calibrated on random inputs (speed only)
+                size = tuple(config.model.input_size)
+                quantize_network(model, checkpoints[stage], size, "classes", RandomInputs(size, CALIBRATION_INPUTS))
         overrides = [
             f"predict.coarse={checkpoints['coarse']}",
             f"predict.fine={checkpoints['fine']}",

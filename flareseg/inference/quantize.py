@@ -197,6 +197,25 @@ class CalibrationSet:
         }
 
 
+class RandomInputs:
+    """Calibration on seeded random normal inputs, for speed measurements only (the benchmarks' random-weight
+    networks have no data; accuracy needs the stage's own, CalibrationSet)."""
+
+    def __init__(self, size: tuple[int, ...], count: int):
+        self.size, self.count = tuple(size), count
+
+    def __iter__(self):
+        generator = np.random.default_rng(0)
+        for _ in range(self.count):
+            yield generator.standard_normal((1, 1, *self.size), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def describe(self) -> dict:
+        return {"inputs": self.count, "source": "seeded random normal inputs (a speed benchmark)"}
+
+
 def _quantize(onnx_path: Path, calibration: CalibrationSet):
     try:
         import nncf
