@@ -16,8 +16,12 @@ all cores (flareseg's predict.threads: null; nnU-Net's `-device cpu` sets torch 
 
 - flareseg: `python -m flareseg predict --device cpu --set predict.backend=openvino` (--backend; torch where the
   openvino extra is missing) with the reference-size networks of bench/bench_predict.py (coarse BaseUNet 8..128 at
-  160^3, fine EfficientSegNet 16..256 at 192^3, 13 classes), random weights, whose noise label maps are the worst
-  case for flareseg's post-processing. One unmeasured run first fills the ONNX export cache (once per checkpoint).
+  160^3, fine EfficientSegNet 16..256 at 192^3, 13 classes), random weights. Two rows for the phantom (one for a
+  --image): `flareseg` runs the whole command in a process where each stage runs its network for its full cost and
+  then hands on the phantom's own labels on its grid (bench_predict.use_phantom_outputs), so the box, components,
+  resampling back and writing see organ-shaped maps, as from a trained network; `flareseg_noise` keeps the random
+  networks' noise maps, the worst case for flareseg's post-processing. One unmeasured run first fills the ONNX
+  export cache (once per checkpoint).
 - nnU-Net v2: `nnUNetv2_predict --disable_tta -device cpu -npp 1 -nps 1` with networks planned by nnU-Net's own
   planner for a FLARE-like phantom dataset (--nnunet-cases phantoms of --nnunet-shape at 2.5x0.8x0.8 mm, 13
   labels), trained for one iteration (as fast as a converged network): `nnunet_fullres` is the default 3d_fullres
@@ -67,7 +71,23 @@ NNUNET_PLANS = {
     "nnunet_fullres": ("nnUNetPlans", ()),
     "nnunet_iso2.5": (ISO, ("-overwrite_target_spacing", "2.5", "2.5", "2.5", "-overwrite_plans_name", ISO)),
 }
-SYSTEMS = ("flareseg", *NNUNET_PLANS)
+SYSTEMS = ("flareseg", "flareseg_noise", *NNUNET_PLANS)
+
+# `flareseg` with organ-shaped outputs: the flareseg command (argv[2:]) in a process whose predictors hand on the
+# phantom's labels (argv[1]) after running each network (bench_predict.use_phantom_outputs)
+PHANTOM_OUTPUTS = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from bench_predict import use_phantom_outputs
+from flareseg.cli import main
+from flareseg.inference.predictor import Predictor
+build = Predictor.__init__
+def init(self, settings):
+    build(self, settings)
+    use_phantom_outputs(self, sys.argv[1])
+Predictor.__init__ = init
+sys.exit(main(sys.argv[2:]))
+"""
 
 # Runs the command given after LOG, its output into LOG; prints its wall time and the largest peak RSS (kB on
 # Linux) of it and the descendants it waited for.
@@ -279,10 +299,12 @@ def main() -> int:
         tmp = Path(tmp)
         inputs = tmp / "input"
         inputs.mkdir()
+        label = None
         if args.image is None:
             ct_shape = (200, 512, 512) if not args.tiny else (24, 48, 48)
             phantom = make_phantom(0, shape=ct_shape, spacing=spacing, orientation="ras")
             image = write_image(inputs / "ct_0000.nii.gz", phantom.image, phantom.geometry)
+            label = write_image(tmp / "ct_label.nii.gz", phantom.label, phantom.geometry)
         elif args.image.name.endswith(".nii.gz"):
             image = Path(shutil.copyfile(args.image, inputs / "ct_0000.nii.gz"))
         else:  # nnU-Net's dataset reads .nii.gz: the same voxels and geometry, converted once
@@ -295,18 +317,27 @@ def main() -> int:
         del array
 
         checkpoints = flareseg_checkpoints(tmp, args.tiny)
-        commands = {
-            "flareseg": [
-                *(sys.executable, "-m", "flareseg", "predict", "-i", str(inputs), "-o", "{out}"),
-                *("--coarse", str(checkpoints["coarse"]), "--fine", str(checkpoints["fine"]), "--device", "cpu", "-q"),
-                *("--set", f"predict.backend={backend}"),
-            ]
-        }
-        configurations = {
-            "flareseg": "coarse BaseUNet 8..128 at 160^3 + fine EfficientSegNet 16..256 at 192^3"
+        predict = [
+            *("predict", "-i", str(inputs), "-o", "{out}"),
+            *("--coarse", str(checkpoints["coarse"]), "--fine", str(checkpoints["fine"]), "--device", "cpu", "-q"),
+            *("--set", f"predict.backend={backend}"),
+        ]
+        networks = (
+            "coarse BaseUNet 8..128 at 160^3 + fine EfficientSegNet 16..256 at 192^3"
             + (" (--tiny: 32^3)" if args.tiny else "")
             + f", {backend} backend"
-        }
+        )
+        commands = {"flareseg": [sys.executable, "-m", "flareseg", *predict]}
+        configurations = {"flareseg": f"{networks}, the random networks' noise maps"}
+        if label is not None:
+            commands = {
+                "flareseg": [sys.executable, "-c", PHANTOM_OUTPUTS, str(label), *predict],
+                "flareseg_noise": commands["flareseg"],
+            }
+            configurations = {
+                "flareseg": f"{networks}, organ-shaped maps",
+                "flareseg_noise": configurations["flareseg"],
+            }
         if backend == "openvino" and not args.tiny:  # the one-time ONNX export, as nnU-Net's setup, is not measured
             warm = [str(tmp / "warm") if part == "{out}" else part for part in commands["flareseg"]]
             run_step(warm, tmp / "flareseg_warmup.log", dict(os.environ))
@@ -327,7 +358,7 @@ def main() -> int:
             for name, command in commands.items():
                 out = tmp / f"out_{name}_{repeat}"
                 command = [str(out) if part == "{out}" else part for part in command]
-                env = nnunet.env if name != "flareseg" else None
+                env = nnunet.env if name in NNUNET_PLANS else None
                 print(f"run {repeat + 1}/{repeats}: {name}", file=sys.stderr, flush=True)
                 try:
                     runs[name].append(measure(command, tmp / f"{name}_{repeat}.log", env))
@@ -353,17 +384,20 @@ def main() -> int:
     if nnunet is not None:
         shape, mm = "x".join(map(str, nnunet.shape)), "x".join(f"{s:g}" for s in nnunet.spacing)
         print(f"nnU-Net planned on {nnunet.cases} phantoms of {shape} voxels (z, y, x) at {mm} mm")
-    print("| system | configuration | wall s | peak RSS MB | time / flareseg | RSS / flareseg |")
-    print("|---|---|---|---|---|---|")
+    print("| system | configuration | wall s | peak RSS MB | time / flareseg | time / flareseg_noise", end="")
+    print(" | RSS / flareseg |")
+    print("|---|---|---|---|---|---|---|")
     base_seconds, base_mb = figures["flareseg"]
+    noise_seconds = figures["flareseg_noise"][0] if figures["flareseg_noise"] else None
     for name in SYSTEMS:
         if figures[name] is None:
-            print(f"| {name} | not run | n/a | n/a | n/a | n/a |")
+            print(f"| {name} | not run | n/a | n/a | n/a | n/a | n/a |")
             continue
         seconds, mb = figures[name]
+        against_noise = f"{seconds / noise_seconds:.2f}x" if noise_seconds else "n/a"
         print(
             f"| {name} | {configurations[name]} | {seconds:.1f} | {mb:.0f} | "
-            f"{seconds / base_seconds:.2f}x | {mb / base_mb:.2f}x |"
+            f"{seconds / base_seconds:.2f}x | {against_noise} | {mb / base_mb:.2f}x |"
         )
     print(" | ".join(f"{name} {f'{f[0]:.1f} s {f[1]:.0f}' if f else 'n/a s n/a'} MB" for name, f in figures.items()))
     return 0
