@@ -51,7 +51,7 @@ class TrainedStage:
         # the weights must be those of the network its config describes (built on the meta device: no memory, no
         # time), so that `network` loads them without a second check
         with torch.device("meta"):
-            skeleton = build_model(config)
+            skeleton = build_model(config, init=False)
         check_weights(skeleton, state["model"], f"{what} {path} (model.name {config.model.name})")
         return cls(path, config, state["model"])
 
@@ -113,6 +113,6 @@ class TrainedStage:
         from flareseg.models import build_model
 
         with torch.random.fork_rng(devices=[]):
-            model = build_model(self.config)
+            model = build_model(self.config, init=False)
         model.load_state_dict(self.weights)
         return model.eval()

@@ -26,10 +26,11 @@ SCRIPTS = {
     "bench_predict.py": "peak RSS",
     "compare_cps.py": "mean validation Dice",
     "bench_backends.py": "speed-up",
-    "compare_nnunet.py": "flareseg",
+    "compare_nnunet.py": "flareseg_noise",
     "bench_read.py": "added s",
     "bench_cohort.py": "cases/hour",
     "compare_precision.py": "differs from torch fp32",
+    "bench_startup.py": "start-up",
 }
 NEEDS_OPENVINO = {"compare_precision.py"}
 # Seconds of each tiny run alone on 2 cores (compare_precision.py with the session's demo); the longest start first,
@@ -42,6 +43,7 @@ SECONDS = {
     "bench_predict.py": 11,
     "compare_nnunet.py": 10,
     "compare_precision.py": 14,
+    "bench_startup.py": 25,
     "bench_prepare.py": 6,
     "bench_resample.py": 4,
     "bench_read.py": 3,
@@ -50,12 +52,17 @@ SECONDS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, request) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Every script's tiny run, two at a time: most of a run is starting Python, importing and exporting, which
+    """Every selected script's tiny run, two at a time: most of a run is starting Python, importing and exporting, which
     leaves the second core idle. Each run has its own folders (export cache included), so none sees another's, but
     compare_precision.py: it compares the backends on the session's smoke demo (its --tiny run would run that same
     demo first), with the export cache that the demo's prediction filled. Each run computes in one thread: two
     runs of two threads on 2 cores wait for one another (torch's OpenMP threads spin while they wait)."""
-    scripts = [s for s in SCRIPTS if openvino_available() or s not in NEEDS_OPENVINO]
+    selected = {  # the scripts whose tests run (-k bench_startup runs that one script alone)
+        item.callspec.params["script"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    scripts = [s for s in SCRIPTS if s in selected and (openvino_available() or s not in NEEDS_OPENVINO)]
     scripts.sort(key=SECONDS.get, reverse=True)
     demo = request.getfixturevalue("smoke_demo") if "compare_precision.py" in scripts else None
 
@@ -65,7 +72,8 @@ def runs(tmp_path_factory, request) -> dict[str, tuple[subprocess.CompletedProce
         env = {**os.environ, "FLARESEG_CACHE_DIR": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
         if script == "compare_nnunet.py":  # whatever venv this machine has: the missing-venv path, n/a for nnU-Net
             command += ["--nnunet-venv", str(folder / "no-venv"), "--work", str(folder / "work")]
-        if script in ("bench_predict.py", "compare_nnunet.py"):  # OpenVINO's runs: bench_backends, compare_precision
+        # OpenVINO's runs: bench_backends, compare_precision
+        if script in ("bench_predict.py", "compare_nnunet.py", "bench_startup.py"):
             command += ["--backend", "torch"]
         if script in ("bench_backends.py", "compare_cps.py"):  # (they set torch's threads themselves)
             command += ["--threads", "1"]

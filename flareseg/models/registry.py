@@ -41,13 +41,16 @@ def _small_unet(cfg: ModelConfig, num_classes: int, style: UnitStyle) -> nn.Modu
     return SmallUNet(cfg.in_channels, num_classes, tuple(cfg.channels), cfg.blocks_per_stage, style)
 
 
-def build_model(config: Config) -> nn.Module:
-    """The network of `config.model`, initialised (Kaiming normal convs), in the configured memory format."""
+def build_model(config: Config, init: bool = True) -> nn.Module:
+    """The network of `config.model`, in the configured memory format; its convolutions Kaiming-normal initialised
+    unless `init` is False (weights loaded next: on the meta device, kaiming_normal_ imports torch._dynamo, sympy
+    and torch._inductor, 2-3 s of a prediction's start-up)."""
     cfg = config.model
     builder = MODELS.lookup(cfg.name)
     style = UnitStyle(norm=cfg.norm, norm_affine=cfg.norm_affine, dropout=cfg.dropout, activation=cfg.activation)
     model = builder(cfg, config.num_classes, style)
-    init_weights(model)
+    if init:
+        init_weights(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
