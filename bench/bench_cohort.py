@@ -79,10 +79,11 @@ def make_cohort(folder: Path, cases: int, tiny: bool) -> Path:
     return write_image(folder.parent / "truth.nii.gz", phantom.label.astype("uint8"), phantom.geometry)
 
 
-def checkpoint_overrides(folder: Path, tiny: bool) -> list[str]:
+def checkpoint_overrides(folder: Path, tiny: bool, extra: list[str] = ()) -> list[str]:
+    """Random-weight checkpoints of the reference networks (`extra`: more model overrides for both)."""
     overrides = []
     for stage, network in NETWORKS.items():
-        config = load_config(None, [*network, *(TINY[stage] if tiny else [])])
+        config = load_config(None, [*network, *(TINY[stage] if tiny else []), *extra])
         torch.manual_seed(0)
         path = save_checkpoint(
             folder / f"{stage}.pt", {"model": build_model(config).state_dict(), "config": to_plain(config)}

@@ -15,6 +15,7 @@ network (flareseg.planning.network_memory: NetworkMemory.gigabytes), so that the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -134,7 +135,9 @@ def _training_rate(config, device: torch.device, steps: int) -> tuple[dict, dict
     batch_size = config.train.batch_size
     loader = torch.utils.data.DataLoader(trainer.train_set, batch_size=batch_size, shuffle=False, drop_last=True)
     batches = iter(loader)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the figures of this stage alone: the last stage's cached memory is given back
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train_step(next(batches))  # warm-up
     times = []
