@@ -5,8 +5,11 @@ The networks are the session's smoke demo (tiny, briefly trained; its prepared f
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +99,15 @@ def test_int8_logits_track_the_fp32_network(fine, cache):
     assert agree > 0.75, float(agree)
 
 
-def test_auto_takes_int8_only_where_the_stored_check_passed(fine, cache, tmp_path):
+def test_auto_takes_int8_only_where_the_stored_check_passed(fine, cache, tmp_path, monkeypatch, caplog):
     no_int8_models(cache)
+    caplog.set_level(logging.INFO, logger=quantize.__name__)
     assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"  # no int8 model
     trained = TrainedStage.load(fine)
+    for name in ("stdout", "stderr"):  # a LANG=C terminal: NNCF's progress bars once failed on it
+        monkeypatch.setattr(sys, name, io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
     model_path = quantize.int8_model(trained.network(), fine, trained.input_size, "classes", samples=SAMPLES)
+    monkeypatch.undo()
     assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"  # not checked yet
     quantize.store_check(model_path.parent, {"passed": True})
     assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "int8"

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -223,10 +222,11 @@ def _quantize(onnx_path: Path, calibration: CalibrationSet):
         raise QuantizationError("predict.precision int8 needs NNCF: pip install 'flareseg[int8]'") from None
     network = openvino_core().read_model(str(onnx_path))
     nncf.set_log_level(logging.WARNING)
-    # NNCF draws its progress bars on stdout, which holds results (the quantize command's lines): on stderr with
-    # the log, and nowhere when the log is quiet
-    with open(os.devnull, "w") as devnull:
-        with contextlib.redirect_stdout(sys.stderr if log.isEnabledFor(logging.INFO) else devnull):
+    # NNCF draws progress bars (rich, with non-ASCII characters) on stdout, which holds results (the quantize
+    # command's lines); on a stream whose encoding is ASCII (LANG=C, common in containers) drawing them raised
+    # UnicodeEncodeError and the quantization failed. They go nowhere: the log says when it starts and ends.
+    with open(os.devnull, "w", encoding="utf-8") as devnull:
+        with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
             return nncf.quantize(
                 network,
                 nncf.Dataset(calibration),
