@@ -41,9 +41,29 @@ def cache(tmp_path_factory):
         yield folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fine(smoke_demo) -> Path:
     return smoke_demo.out / "fine" / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="module")
+def quantized(fine, cache) -> tuple[Path, str]:
+    """`flareseg quantize` on the fine stage, once for the module, on an ASCII terminal (LANG=C) with the log on:
+    NNCF's progress bars once failed there. Its int8 model folder and the line it printed."""
+    streams = {name: io.TextIOWrapper(io.BytesIO(), encoding="ascii") for name in ("stdout", "stderr")}
+    logger = logging.getLogger(quantize.__name__)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, stream in streams.items():
+            patch.setattr(sys, name, stream)
+        status = main(["quantize", str(fine), "--samples", str(SAMPLES)])
+    logger.setLevel(level)
+    for stream in streams.values():
+        stream.flush()
+    assert status == 0, streams["stderr"].buffer.getvalue()
+    (folder,) = (cache / "int8").iterdir()
+    return folder, streams["stdout"].buffer.getvalue().decode().strip()
 
 
 def no_int8_models(cache: Path) -> None:
@@ -62,12 +82,9 @@ def test_the_calibration_set_is_the_training_sampler_over_the_fold_training_case
     assert np.array_equal(first[3][0], sampler[3]["image"].numpy())  # item 3 of epoch 0 of the training sampler
 
 
-def test_quantize_command_stores_the_model_its_calibration_and_its_check(fine, cache, capsys):
-    no_int8_models(cache)
-    assert main(["quantize", str(fine), "--samples", str(SAMPLES), "-q"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{fine}: int8 model in ") and "calibration inputs" in line
-    (folder,) = (cache / "int8").iterdir()
+def test_quantize_command_stores_the_model_its_calibration_and_its_check(fine, cache, quantized):
+    folder, line = quantized
+    assert line.startswith(f"{fine}: int8 model in {folder}") and f"({SAMPLES} calibration inputs" in line
     record = json.loads((folder / quantize.RECORD).read_text())
     assert (folder / quantize.MODEL).is_file() and (folder / "model.bin").is_file()
     assert record["calibration"]["inputs"] == SAMPLES and record["output"] == "classes"
@@ -99,31 +116,75 @@ def test_int8_logits_track_the_fp32_network(fine, cache):
     assert agree > 0.75, float(agree)
 
 
-def test_auto_takes_int8_only_where_the_stored_check_passed(fine, cache, tmp_path, monkeypatch, caplog):
-    no_int8_models(cache)
-    caplog.set_level(logging.INFO, logger=quantize.__name__)
-    assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"  # no int8 model
-    trained = TrainedStage.load(fine)
-    for name in ("stdout", "stderr"):  # a LANG=C terminal: NNCF's progress bars once failed on it
-        monkeypatch.setattr(sys, name, io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
-    model_path = quantize.int8_model(trained.network(), fine, trained.input_size, "classes", samples=SAMPLES)
-    monkeypatch.undo()
-    assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"  # not checked yet
-    quantize.store_check(model_path.parent, {"passed": True})
-    assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "int8"
-    quantize.store_check(model_path.parent, {"passed": False})
-    assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"
-    # other weights (a retrained network) never use this network's int8 model or check
-    quantize.store_check(model_path.parent, {"passed": True})
-    state = torch.load(fine, weights_only=False)
-    name = next(iter(state["model"]))
-    state["model"][name] = state["model"][name] + 0.01
-    torch.save(state, tmp_path / "retrained.pt")
-    assert StageModel(tmp_path / "retrained.pt", CPU, "auto", backend="openvino", threads=1).precision == "fp32"
+def test_auto_takes_int8_only_where_the_stored_check_passed(fine, quantized, tmp_path):
+    folder, _ = quantized
+    record = json.loads((folder / quantize.RECORD).read_text())
+    try:
+        quantize.store_check(folder, {"passed": True})
+        assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "int8"
+        quantize.store_check(folder, {"passed": False})
+        assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"
+        (folder / quantize.RECORD).write_text(json.dumps({k: v for k, v in record.items() if k != "check"}))
+        assert StageModel(fine, CPU, "auto", backend="openvino", threads=1).precision == "fp32"  # not checked
+        # other weights (a retrained network) have no int8 model: never this network's model or check
+        quantize.store_check(folder, {"passed": True})
+        state = torch.load(fine, weights_only=False)
+        name = next(iter(state["model"]))
+        state["model"][name] = state["model"][name] + 0.01
+        torch.save(state, tmp_path / "retrained.pt")
+        assert StageModel(tmp_path / "retrained.pt", CPU, "auto", backend="openvino", threads=1).precision == "fp32"
+    finally:
+        (folder / quantize.RECORD).write_text(json.dumps(record))
+
+
+def test_a_failed_save_leaves_no_model_and_no_temporary_folder(fine, cache, monkeypatch):
+    import openvino
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(openvino, "save_model", fail)
+    coarse = TrainedStage.load(fine.parents[1] / "coarse" / "checkpoint_best.pt")
+    network = coarse.network()
+    (cache / "int8").mkdir(exist_ok=True)
+    before = sorted((cache / "int8").iterdir())
+    with pytest.raises(OSError, match="disk full"):
+        quantize.int8_model(network, coarse.path, coarse.input_size, "classes", samples=2)
+    assert not quantize.int8_folder(network, coarse.path, coarse.input_size, "classes").exists()
+    assert sorted((cache / "int8").iterdir()) == before  # and no temporary folder
+
+
+def test_predict_in_int8_keeps_the_input_geometry(smoke_demo, quantized, cache, tmp_path):
+    from flareseg.config import load_config
+    from flareseg.inference.batch import predict_folder
+
+    demo = smoke_demo.out
+    trained = TrainedStage.load(demo / "coarse" / "checkpoint_best.pt")  # the fine stage: the quantize command's
+    quantize.int8_model(trained.network(), trained.path, trained.input_size, "classes", samples=SAMPLES)
+    config = load_config(
+        None,
+        [
+            f"predict.coarse={demo / 'coarse' / 'checkpoint_best.pt'}",
+            f"predict.fine={demo / 'fine' / 'checkpoint_best.pt'}",
+            "predict.device=cpu",
+            "predict.precision=int8",
+            "predict.threads=1",
+        ],
+    )
+    images = sorted((demo / "phantoms" / "imagesTs").iterdir())[:1]
+    (tmp_path / "in").mkdir()
+    shutil.copy(images[0], tmp_path / "in" / images[0].name)
+    summary = predict_folder(config, tmp_path / "in", tmp_path / "out", progress=False)
+    assert summary.ok and len(summary.predicted) == 1
+    label, geometry = read_image(tmp_path / "out" / f"{summary.predicted[0]}.nii.gz")
+    _, source = read_image(images[0])
+    assert geometry == source and label.max() <= 4
+    settings = json.loads((tmp_path / "out" / "prediction_settings.json").read_text())
+    assert settings["predict.precision"] == "int8"
 
 
 def test_int8_without_a_model_or_the_data_to_make_one_is_one_line(smoke_demo, fine, cache, tmp_path, capsys):
-    no_int8_models(cache)
+    no_int8_models(cache)  # (last in this module: the other tests' models are gone)
     coarse = fine.parents[1] / "coarse" / "checkpoint_best.pt"
     state = torch.load(coarse, weights_only=False)  # the coarse stage (the first built) whose data has moved
     state["config"]["train"]["data"] = str(tmp_path / "gone")
@@ -157,47 +218,3 @@ def test_int8_without_a_model_or_the_data_to_make_one_is_one_line(smoke_demo, fi
         + ["--coarse", str(coarse)]
     )
     assert status == 2 and "int8 runs on the OpenVINO CPU backend" in capsys.readouterr().err
-
-
-def test_a_failed_save_leaves_no_model_and_no_temporary_folder(fine, cache, monkeypatch):
-    no_int8_models(cache)
-    import openvino
-
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(openvino, "save_model", fail)
-    trained = TrainedStage.load(fine)
-    with pytest.raises(OSError, match="disk full"):
-        quantize.int8_model(trained.network(), fine, trained.input_size, "classes", samples=2)
-    assert list((cache / "int8").iterdir()) == []
-
-
-def test_predict_in_int8_keeps_the_input_geometry(smoke_demo, cache, tmp_path):
-    from flareseg.config import load_config
-    from flareseg.inference.batch import predict_folder
-
-    demo = smoke_demo.out
-    for stage in ("coarse", "fine"):  # quantized here on a few inputs; predict would take 300
-        trained = TrainedStage.load(demo / stage / "checkpoint_best.pt")
-        quantize.int8_model(trained.network(), trained.path, trained.input_size, "classes", samples=SAMPLES)
-    config = load_config(
-        None,
-        [
-            f"predict.coarse={demo / 'coarse' / 'checkpoint_best.pt'}",
-            f"predict.fine={demo / 'fine' / 'checkpoint_best.pt'}",
-            "predict.device=cpu",
-            "predict.precision=int8",
-            "predict.threads=1",
-        ],
-    )
-    images = sorted((demo / "phantoms" / "imagesTs").iterdir())[:1]
-    (tmp_path / "in").mkdir()
-    shutil.copy(images[0], tmp_path / "in" / images[0].name)
-    summary = predict_folder(config, tmp_path / "in", tmp_path / "out", progress=False)
-    assert summary.ok and len(summary.predicted) == 1
-    label, geometry = read_image(tmp_path / "out" / f"{summary.predicted[0]}.nii.gz")
-    _, source = read_image(images[0])
-    assert geometry == source and label.max() <= 4
-    settings = json.loads((tmp_path / "out" / "prediction_settings.json").read_text())
-    assert settings["predict.precision"] == "int8"
