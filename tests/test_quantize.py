@@ -168,7 +168,6 @@ def test_predict_in_int8_keeps_the_input_geometry(smoke_demo, quantized, cache, 
             f"predict.fine={demo / 'fine' / 'checkpoint_best.pt'}",
             "predict.device=cpu",
             "predict.precision=int8",
-            "predict.threads=1",
         ],
     )
     images = sorted((demo / "phantoms" / "imagesTs").iterdir())[:1]

@@ -74,9 +74,13 @@ def choose_backend(backend: str, device: torch.device, precision: str) -> str:
     return backend
 
 
-def choose_precision(precision: str, device: torch.device, backend: str) -> str:
-    """What predict.precision "auto" means: fp16 on CUDA; on the CPU bf16 under OpenVINO where the CPU computes
-    bf16 natively (measured: 2x faster, half the memory, the same labels from trained networks), else fp32."""
+def choose_precision(precision: str, device: torch.device, backend: str, int8_checked: bool = False) -> str:
+    """What predict.precision "auto" means: fp16 on CUDA; on the CPU under OpenVINO int8 where every network of
+    the stage has an int8 model whose stored accuracy check passed (`int8_checked`: flareseg.inference.quantize,
+    never a guess), else bf16 where the CPU computes it natively (measured: 2x faster, half the memory, the same
+    labels from trained networks), else fp32."""
+    if precision == "auto" and backend == "openvino" and int8_checked:
+        return "int8"
     native_bf16 = precision == "auto" and device.type == "cpu" and backend == "openvino" and cpu_has_native_bf16()
     return resolve_precision(precision, device, cpu_bf16=native_bf16)
 

@@ -88,13 +88,12 @@ class StageModel:
         output = "classes" if self.fast else "logits"
         self.backend = choose_backend(backend, device, precision)
         networks = [member.network().to(device) for member in members]
-        self.precision = choose_precision(precision, device, self.backend)
+        int8_checked = False
         if precision == "auto" and self.backend == "openvino":
-            # int8 only for networks whose stored accuracy check passed (flareseg quantize), never by guess
             from flareseg.inference.quantize import check_passed
 
-            if all(check_passed(net, path, self.input_size, output) for net, path in zip(networks, paths)):
-                self.precision = "int8"
+            int8_checked = all(check_passed(net, path, self.input_size, output) for net, path in zip(networks, paths))
+        self.precision = choose_precision(precision, device, self.backend, int8_checked)
         self.models, self._forwards = [], []
         for path, member, model in zip(paths, members, networks):
             if self.backend == "openvino":
