@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,8 @@ def is_temporary(path: str | os.PathLike) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Remove the temporaries in `folder` whose writing process has died; returns what was removed.
+    """Remove the temporaries (files, or folders written whole) in `folder` whose writing process has died; returns
+    what was removed.
 
     A temporary of a live process (a concurrent writer, or this process) is left alone.
     """
@@ -74,10 +76,13 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False)
     removed = []
     for path in candidates:
         match = _TEMPORARY.match(path.name)
-        if match is None or not path.is_file() or process_alive(int(match["pid"])):
+        if match is None or not (path.is_file() or path.is_dir()) or process_alive(int(match["pid"])):
             continue
         try:
-            path.unlink()
+            if path.is_dir():  # a folder written whole, then renamed (an int8 model)
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
         except FileNotFoundError:  # removed meanwhile by another cleaner
             pass

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,7 +161,16 @@ def test_predict_in_int8_keeps_the_input_geometry(smoke_demo, quantized, cache, 
 
     demo = smoke_demo.out
     trained = TrainedStage.load(demo / "coarse" / "checkpoint_best.pt")  # the fine stage: the quantize command's
-    quantize.int8_model(trained.network(), trained.path, trained.input_size, "classes", samples=SAMPLES)
+    network = trained.network()
+    # what a quantization killed mid-way left: its temporary folder, named with its (now dead) process id
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    folder = quantize.int8_folder(network, trained.path, trained.input_size, "classes")
+    stale = folder.with_name(f".{folder.name}.tmp-{ended.pid}-0badf00d")
+    stale.mkdir(parents=True)
+    (stale / quantize.MODEL).write_text("<half")
+    quantize.int8_model(network, trained.path, trained.input_size, "classes", samples=SAMPLES)
+    assert not stale.exists() and quantize.read_record(folder) is not None
     config = load_config(
         None,
         [

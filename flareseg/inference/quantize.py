@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flareseg.atomic import atomic_write_text, remove_stale_temporaries, temporary_path
 from flareseg.inference.backends import Output, cache_dir, cached_onnx, network_digest, openvino_core
 
 log = logging.getLogger(__name__)
@@ -237,13 +237,16 @@ def _quantize(onnx_path: Path, calibration: CalibrationSet):
 
 
 def _save_atomically(network, record: dict, folder: Path) -> None:
-    """Write model.xml/.bin and the record into a temporary sibling folder, then rename it into place: a folder
-    that exists is complete (a process killed mid-way leaves only a temporary folder, removed here or next time)."""
+    """Write model.xml/.bin and the record into a temporary sibling folder (flareseg.atomic's name, with this
+    process's id), then rename it into place: a folder that exists is complete. A process killed mid-way leaves its
+    temporary folder, which the next quantization here removes."""
     import openvino
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_stale_temporaries(folder.parent)
+    temporary = temporary_path(folder)
     try:
+        temporary.mkdir()
         openvino.save_model(network, str(temporary / MODEL), compress_to_fp16=False)
         (temporary / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         try:
@@ -261,9 +264,7 @@ def store_check(folder: Path, check: dict) -> None:
     if record is None:
         raise QuantizationError(f"no int8 model in {folder} to record a check for")
     record["check"] = check
-    temporary = folder / f".{RECORD}.tmp"
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(temporary, folder / RECORD)
+    atomic_write_text(folder / RECORD, json.dumps(record, indent=1) + "\n")
 
 
 def check_int8(checkpoint: Path, data: Path | None = None, threads: int | None = None) -> dict:
