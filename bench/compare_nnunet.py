@@ -1,7 +1,7 @@
 """flareseg against nnU-Net v2 on the same CT: whole-process wall time and peak memory of each, in one run.
 
     bash bench/setup_nnunet.sh                          # once: nnU-Net v2 in its own virtual environment
-    python bench/compare_nnunet.py [--image CT] [--repeats N] [--nnunet-venv DIR] [--work DIR]
+    python bench/compare_nnunet.py [--image CT] [--repeats N] [--nnunet-venv DIR] [--work DIR] [--precision int8]
                                    [--systems flareseg nnunet_iso2.5]   # a subset (flareseg always runs)
     python bench/compare_nnunet.py --tiny               # seconds-long smoke run (the tests); no nnU-Net unless
                                                         # --with-nnunet is given and the venv exists
@@ -21,7 +21,8 @@ all cores (flareseg's predict.threads: null; nnU-Net's `-device cpu` sets torch 
   then hands on the phantom's own labels on its grid (bench_predict.use_phantom_outputs), so the box, components,
   resampling back and writing see organ-shaped maps, as from a trained network; `flareseg_noise` keeps the random
   networks' noise maps, the worst case for flareseg's post-processing. One unmeasured run first fills the ONNX
-  export cache (once per checkpoint).
+  export cache (once per checkpoint). `--precision` sets predict.precision (default auto); int8 quantizes the
+  random networks on random inputs first, as bench_predict.py does (speed only: the weights are random).
 - nnU-Net v2: `nnUNetv2_predict --disable_tta -device cpu -npp 1 -nps 1` with networks planned by nnU-Net's own
   planner for a FLARE-like phantom dataset (--nnunet-cases phantoms of --nnunet-shape at 2.5x0.8x0.8 mm, 13
   labels), trained for one iteration (as fast as a converged network): `nnunet_fullres` is the default 3d_fullres
@@ -50,13 +51,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import NETWORKS, TINY  # noqa: E402
+from bench_predict import CALIBRATION_INPUTS, NETWORKS, TINY  # noqa: E402
 
 from flareseg.checkpoint import save_checkpoint  # noqa: E402
 from flareseg.config import load_config, to_plain  # noqa: E402
 from flareseg.config.schema import FLARE_ORGANS  # noqa: E402
 from flareseg.data.phantom import make_phantom, write_phantom_dataset  # noqa: E402
 from flareseg.inference.backends import openvino_available  # noqa: E402
+from flareseg.inference.quantize import RandomInputs, quantize_network  # noqa: E402
 from flareseg.io import read_image, write_image  # noqa: E402
 from flareseg.models import build_model  # noqa: E402
 
@@ -172,15 +174,20 @@ def run_step(command: list[str], log: Path, env: dict[str, str]) -> None:
         raise BenchError(f"{' '.join(command)} failed (exit {rc}), log {log}:\n{tail(log)}")
 
 
-def flareseg_checkpoints(folder: Path, tiny: bool) -> dict[str, Path]:
-    """The two reference-size checkpoints of bench_predict.py (random weights, seed 0)."""
+def flareseg_checkpoints(folder: Path, tiny: bool, int8: bool = False) -> dict[str, Path]:
+    """The two reference-size checkpoints of bench_predict.py (random weights, seed 0); with `int8`, their int8
+    models too, calibrated on random inputs as bench_predict.py does (speed only: the weights are random)."""
     checkpoints = {}
     for stage, overrides in NETWORKS.items():
         config = load_config(None, [*overrides, *(TINY[stage] if tiny else [])])
         torch.manual_seed(0)
+        model = build_model(config).eval()
         checkpoints[stage] = save_checkpoint(
-            folder / f"{stage}.pt", {"model": build_model(config).state_dict(), "config": to_plain(config)}
+            folder / f"{stage}.pt", {"model": model.state_dict(), "config": to_plain(config)}
         )
+        if int8:
+            size = tuple(config.model.input_size)
+            quantize_network(model, checkpoints[stage], size, "classes", RandomInputs(size, CALIBRATION_INPUTS))
     return checkpoints
 
 
@@ -273,6 +280,12 @@ def main() -> int:
         "--backend", choices=("torch", "openvino"), help="flareseg's predict.backend (default: openvino if installed)"
     )
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "int8"),
+        help="flareseg's predict.precision (int8: the openvino backend; quantized on random inputs, speed only)",
+    )
+    parser.add_argument(
         "--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="a subset to run (default: all three)"
     )
     parser.add_argument("--tiny", action="store_true", help="small phantom and networks: checks that the script runs")
@@ -316,16 +329,18 @@ def main() -> int:
         )
         del array
 
-        checkpoints = flareseg_checkpoints(tmp, args.tiny)
+        if args.precision == "int8" and backend != "openvino":
+            parser.error("--precision int8 needs the openvino backend (pip install 'flareseg[openvino,int8]')")
+        checkpoints = flareseg_checkpoints(tmp, args.tiny, int8=args.precision == "int8")
         predict = [
             *("predict", "-i", str(inputs), "-o", "{out}"),
             *("--coarse", str(checkpoints["coarse"]), "--fine", str(checkpoints["fine"]), "--device", "cpu", "-q"),
-            *("--set", f"predict.backend={backend}"),
+            *("--set", f"predict.backend={backend}", "--set", f"predict.precision={args.precision}"),
         ]
         networks = (
             "coarse BaseUNet 8..128 at 160^3 + fine EfficientSegNet 16..256 at 192^3"
             + (" (--tiny: 32^3)" if args.tiny else "")
-            + f", {backend} backend"
+            + f", {backend} backend, precision {args.precision}"
         )
         commands = {"flareseg": [sys.executable, "-m", "flareseg", *predict]}
         configurations = {"flareseg": f"{networks}, the random networks' noise maps"}

@@ -129,8 +129,13 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _run_phantoms(args: argparse.Namespace) -> int:
-    from flareseg.data.phantom import write_phantom_dataset
+    from flareseg.data.phantom import sites_table, write_phantom_dataset
 
+    if args.list_sites:
+        print(sites_table())
+        return 0
+    if args.out is None:
+        raise ValueError("the following arguments are required: -o/--out (or --list-sites)")
     cases = write_phantom_dataset(
         args.out,
         args.num_cases,
@@ -140,8 +145,10 @@ def _run_phantoms(args: argparse.Namespace) -> int:
         partial=args.partial,
         orientation=args.orientation,
         unlabeled=args.unlabeled,
+        site=args.site,
     )
-    print(f"wrote {len(cases)} labeled and {args.unlabeled} unlabeled phantoms to {args.out}")
+    site = f" of site {args.site}" if args.site else ""
+    print(f"wrote {len(cases)} labeled and {args.unlabeled} unlabeled phantoms{site} to {args.out}")
     return 0
 
 

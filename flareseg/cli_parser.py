@@ -115,8 +115,17 @@ def _add_prepare(commands, flags: _SharedFlags) -> None:
 
 
 def _add_phantoms(commands, flags: _SharedFlags) -> None:
+    # flareseg.data.phantom.SITES's names, spelled here so that the parser imports no numpy (a test compares them)
+    sites = (
+        "portal_venous",
+        "arterial_sharp",
+        "non_contrast_lowdose",
+        "delayed_large",
+        "portal_venous_metal",
+        "portal_venous_thick",
+    )
     phantoms = commands.add_parser("phantoms", help="write a synthetic CT phantom dataset (imagesTr/, labelsTr/)")
-    phantoms.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    phantoms.add_argument("-o", "--out", type=Path, help="output folder (required unless --list-sites)")
     phantoms.add_argument("-n", "--num-cases", type=int, default=8, help="labeled cases (default 8)")
     phantoms.add_argument("--unlabeled", type=int, default=0, help="extra unlabeled cases in unlabeled/")
     phantoms.add_argument("--seed", type=int, default=0)
@@ -124,6 +133,13 @@ def _add_phantoms(commands, flags: _SharedFlags) -> None:
     phantoms.add_argument("--lesions", action="store_true", help="add lesions (label 14)")
     phantoms.add_argument("--partial", action="store_true", help="keep only some organs annotated")
     phantoms.add_argument("--orientation", default="random", choices=("identity", "ras", "random", "oblique"))
+    phantoms.add_argument(
+        "--site",
+        choices=sites,
+        help="scanner / protocol / contrast phase settings; cases are named <site>_000... (default: the reference "
+        "generator, phantom_000...)",
+    )
+    phantoms.add_argument("--list-sites", action="store_true", help="print the sites and what each sets, then exit")
     phantoms.set_defaults(run="phantoms")
 
 

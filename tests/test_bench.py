@@ -25,6 +25,7 @@ SCRIPTS = {
     "bench_prepare.py": "speed-up",
     "bench_resample.py": "speed-up",
     "compare_cps.py": "mean validation Dice",
+    "compare_semi.py": "shifted - supervised",
     "bench_backends.py": "speed-up",
     "compare_nnunet.py": "flareseg_noise",
     "bench_read.py": "added s",
@@ -39,6 +40,7 @@ SECONDS = {
     "bench_backends.py": 27,
     "bench_cohort.py": 26,
     "compare_cps.py": 14,
+    "compare_semi.py": 13,
     "compare_nnunet.py": 10,
     "compare_precision.py": 14,
     "bench_startup.py": 25,
@@ -73,7 +75,7 @@ def runs(tmp_path_factory, request) -> dict[str, tuple[subprocess.CompletedProce
         # OpenVINO's runs: bench_backends, compare_precision
         if script in ("compare_nnunet.py", "bench_startup.py"):
             command += ["--backend", "torch"]
-        if script in ("bench_backends.py", "compare_cps.py"):  # (they set torch's threads themselves)
+        if script in ("bench_backends.py", "compare_cps.py", "compare_semi.py"):  # (they set torch's threads)
             command += ["--threads", "1"]
         if script == "compare_precision.py":
             command += ["--demo", str(demo.out)]
@@ -102,6 +104,11 @@ def test_benchmark_script_runs_on_a_tiny_input(runs, script):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     assert len(rows) >= 2  # a header and at least one measured row
     assert SCRIPTS[script] in result.stdout
+    if script == "compare_semi.py":  # every method scored, and its difference from supervised training
+        for method in ("supervised", "supervised_equal_time", "cps", "cps_uif", "teacher_student", "cps_reference"):
+            assert re.search(
+                rf"^\| {method} \| 1 \| \d\.\d{{3}} \| \d\.\d{{3}} \| [+-]\d\.\d{{3}} \|", result.stdout, re.M
+            )
     if script == "compare_nnunet.py":
         assert "bench/setup_nnunet.sh" in result.stdout  # how to create the venv
         assert COMPARE_LAST_LINE.fullmatch(result.stdout.splitlines()[-1])

@@ -1,9 +1,10 @@
 """The voxel grid of a phantom: field of view, spacing, orientation plans and body-centred coordinates.
 
 A phantom is drawn from independent random streams (so that e.g. the orientation never changes the anatomy).
-`plan_grid` draws the field of view and spacing and builds the base geometry (array axes along z, y, x, rotated
-for "oblique") plus the signed axis permutation that gives the requested storage orientation; `apply_plan` and
-`permuted_geometry` apply it to the volumes and to the geometry. `Grid` gives the body-centred millimetre
+`plan_grid` draws the field of view and spacing (from an `Acquisition`'s ranges: the reference generator's, or a
+site's) and builds the base geometry (array axes along z, y, x, rotated for "oblique") plus the signed axis
+permutation that gives the requested storage orientation; `apply_plan` and `permuted_geometry` apply it to the
+volumes and to the geometry. `Grid` gives the body-centred millimetre
 coordinates of any block of voxels, and `slab_size` / `threads` split the volume into slabs for threaded work.
 """
 
@@ -22,21 +23,38 @@ ORIENTATIONS = ("identity", "ras", "random", "oblique")
 _SLAB_VOXELS = 1 << 19  # voxels per slab for the background, the noise and the blur
 
 
+@dataclass(frozen=True)
+class Acquisition:
+    """The ranges (mm) that `plan_grid` draws a field of view and a spacing from; the defaults are the reference
+    generator's (no site)."""
+
+    fov_xy: tuple[float, float] = (360.0, 420.0)  # in-plane field of view (reconstruction diameter)
+    fov_z: tuple[float, float] = (240.0, 290.0)  # scan length
+    in_plane: tuple[float, float] = (0.6, 1.0)  # pixel size
+    slice_spacing: tuple[float, float] = (1.0, 5.0)
+    centre_z: float = 30.0  # the middle of the scan, above the body centre (z = 0: about the renal hila)
+
+
+REFERENCE_ACQUISITION = Acquisition()
+# The streams of the reference generator come first: spawned children never depend on how many come after them,
+# so the streams that only site phantoms use ("site", "metal", "truncation") leave the reference phantoms unchanged.
+_STREAMS = ("grid", "anatomy", "orientation", "lesions", "noise", "partial", "site", "metal", "truncation")
+
+
 def random_streams(seed: int) -> dict[str, np.random.SeedSequence]:
     """Independent random streams, so that e.g. the orientation never changes the anatomy."""
-    names = ("grid", "anatomy", "orientation", "lesions", "noise", "partial")
-    return dict(zip(names, np.random.SeedSequence(int(seed)).spawn(len(names)), strict=True))
+    return dict(zip(_STREAMS, np.random.SeedSequence(int(seed)).spawn(len(_STREAMS)), strict=True))
 
 
-def plan_grid(streams, shape, spacing, orientation):
+def plan_grid(streams, shape, spacing, orientation, acquisition: Acquisition = REFERENCE_ACQUISITION):
     """The base geometry (array axes along z, y, x, possibly rotated), the axis permutation and flips to apply to
     it, and the physical position of the body centre."""
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     rng = np.random.default_rng(streams["grid"])
-    fov_xy, fov_z = rng.uniform(360.0, 420.0), rng.uniform(240.0, 290.0)
-    in_plane, slice_spacing = rng.uniform(0.6, 1.0), rng.uniform(1.0, 5.0)
-    fov_shift = np.array([rng.uniform(-5, 5), rng.uniform(-5, 5), 30.0 + rng.uniform(-8, 8)])  # x, y, z mm
+    fov_xy, fov_z = rng.uniform(*acquisition.fov_xy), rng.uniform(*acquisition.fov_z)
+    in_plane, slice_spacing = rng.uniform(*acquisition.in_plane), rng.uniform(*acquisition.slice_spacing)
+    fov_shift = np.array([rng.uniform(-5, 5), rng.uniform(-5, 5), acquisition.centre_z + rng.uniform(-8, 8)])
     body_z = rng.uniform(-300.0, 0.0)
     fov = np.array([fov_z, fov_xy, fov_xy])
     if shape is not None:

@@ -15,18 +15,24 @@ import numpy as np
 from flareseg.data.phantom.grid import slab_size, threads
 
 _HU_MIN, _HU_MAX = -1024, 3071
-_BLUR_SIGMA = 0.7  # voxels, in-plane
+BLUR_SIGMA = 0.7  # voxels, in-plane: the reference generator's (a standard reconstruction kernel)
 
 
-def add_noise_and_blur(image: np.ndarray, noise_seed: np.random.SeedSequence, noise_std: float) -> None:
+def add_noise_and_blur(
+    image: np.ndarray, noise_seed: np.random.SeedSequence, noise_std: float, blur_sigma: float = BLUR_SIGMA
+) -> None:
     """Noise then an in-plane Gaussian blur (so the noise is correlated like reconstructed CT noise), by slabs.
 
     The noise is the difference of two uniform variables (several times faster to draw than normal ones);
     blurred over about 6 effective voxels it is Gaussian for all practical purposes. It is scaled so that its
     standard deviation after the blur is `noise_std`. Slabs are small (cache-sized) and run in threads, each
     with its own scratch buffers and its own random stream, so the result does not depend on the scheduling.
+    The blur (`blur_sigma` voxels) stands for the reconstruction kernel: a small sigma gives fine-grained noise
+    (a sharp kernel; averaged over fewer voxels, its distribution is less Gaussian), a large one coarse, blotchy
+    noise (a soft kernel).
     """
-    kernel = np.exp(-0.5 * (np.arange(-2, 3) / _BLUR_SIGMA) ** 2)  # the taps at +-3 would weigh 1e-4
+    radius = max(1, round(3 * blur_sigma))  # 2 for the reference sigma: the taps at +-3 would weigh 1e-4
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / blur_sigma) ** 2)
     kernel /= kernel.sum()
     uniform_pair_std = math.sqrt(2 / 12)
     scale = np.float32(noise_std / float((kernel**2).sum()) / uniform_pair_std)  # 2D separable: gain sum(k^2)
