@@ -3,6 +3,7 @@
     python bench/compare_semi.py [--out DIR] [--seeds 0 1 2] [--epochs 50] [--threads 2]
                                  [--home portal_venous] [--shifted arterial_sharp non_contrast_lowdose ...]
     python bench/compare_semi.py --out DIR --report      # the tables of what DIR holds, nothing trained
+    python bench/compare_semi.py --out DIR --diagnose    # why: pseudo-label quality and UIF per site (below)
     python bench/compare_semi.py --tiny                  # a seconds-long smoke run (used by the tests)
 
 The situation of FLARE22: few labeled scans from one centre, many unlabeled scans from other centres, phases and
@@ -23,9 +24,13 @@ Methods, each from the same seed (`train.seed`; `--seeds` gives several):
 - `cps_uif`: reliable unlabeled-image filtering (FLARE22 SemiSeg-CSSN): the CPS run's intermediate checkpoints
   (`train.keep_every`) score each unlabeled case by their agreement with its last one (`flareseg.semi.reliability`);
   the cases above `--uif-threshold` with every label present train a second CPS run from scratch.
+- `cps_uif_half`: the same UIF scores ranked instead of thresholded: the more reliable half of the unlabeled cases
+  (every label present) train the second CPS run.
 - `teacher_student` (FLARE23): the supervised run at `--epochs` (the teacher) labels every unlabeled case; a
   student trains supervised on the labeled and the pseudo-labeled cases, `--epochs` epochs.
 - `cps_reference`: CPS with the reference's settings, lambda 1 from the first step (no ramp-up).
+- `supervised_no_hu_shift`: `supervised` without the organ HU shift augmentation (on by default): how much of the
+  contrast-phase shift that augmentation already covers.
 
 Every run's scores are kept in DIR/results/<method>_seed<N>.json and every training run resumes (train.resume): a
 killed benchmark goes on where it stopped, and several processes (different --seeds, the same --out, after one
@@ -33,6 +38,11 @@ has written the data) can share the work; the report averages what is there:
 mean Dice over labels per case, averaged over the home site's and the shifted sites' test cases (and per site),
 mean and spread (min-max) over seeds, and each method's difference from `supervised` seed by seed. Seconds are
 training time (plus scoring for UIF and pseudo-labelling for the student), comparable within one run only.
+
+The diagnosis (`--diagnose`, and after a run) looks for why: per seed and shifted site, the true Dice of the
+teacher's pseudo-labels and of the CPS run's predictions on the unlabeled cases (their labels made again from the
+phantoms' seeds; no method sees them), the mean UIF score, how many cases UIF kept, and the rank correlation of
+the UIF score with the true Dice (does reliability find the good cases?).
 """
 
 from __future__ import annotations
@@ -64,7 +74,18 @@ from flareseg.semi.reliability import label_dice, reliability, select
 LABEL_NAMES = ["liver", "kidney", "spleen"]
 LABEL_MAP = {1: 1, 2: 2, 13: 2, 3: 3}  # FLARE ids -> liver 1, kidneys 2, spleen 3; the other organs background
 LABELS = [f"data.labels=[{', '.join(LABEL_NAMES)}]", "prepare.label_map={1: 1, 2: 2, 13: 2, 3: 3}"]
-METHODS = ("supervised", "supervised_equal_time", "cps", "cps_uif", "teacher_student", "cps_reference")
+METHODS = (
+    "supervised",
+    "supervised_equal_time",
+    "cps",
+    "cps_uif",
+    "cps_uif_half",
+    "teacher_student",
+    "cps_reference",
+    "supervised_no_hu_shift",
+)
+NO_HU_SHIFT = "train.augment.organ_hu_shift_p=0"
+UIF_KEEP = 0.5  # cps_uif_half: the share of the unlabeled cases kept, most reliable first
 SUPERVISED_SPAN = 3.5  # the supervised run continues to this many times --epochs, for the equal-time score
 
 
@@ -136,9 +157,7 @@ def make_data(setup: Setup) -> tuple[Path, list[Path], list[TestCase]]:
     _link_all(unlabeled, train / "unlabeled")
     data = setup.out / "data"
     _prepare(setup, train / "imagesTr", train / "labelsTr", train / "unlabeled", data)
-    lookup = np.zeros(256, dtype=np.uint8)
-    for source, target in LABEL_MAP.items():
-        lookup[source] = target
+    lookup = _lookup()
     cases = []
     for site, folder, case in tests:
         image, geometry = read_image(folder / "imagesTr" / f"{case}_0000.nii.gz")
@@ -264,12 +283,16 @@ def run_seed(setup: Setup, data: Path, unlabeled: list[Path], tests: list[TestCa
         rows = score(setup, _epoch_checkpoint(supervised, equal), tests)
         _save(setup, "supervised_equal_time", seed, rows, float(elapsed[equal - 1]), epochs=equal)
 
-    if missing("cps_uif"):
+    chosen = runs / "uif_selected.json"
+    if missing("cps_uif") or not chosen.exists():
         started = time.perf_counter()
-        selected, scores = filter_unlabeled(setup, cps, unlabeled)
+        selected, scores, missing_labels = filter_unlabeled(setup, cps, unlabeled)
         filtering = time.perf_counter() - started
-        chosen = runs / "uif_selected.json"
-        atomic_write_text(chosen, json.dumps({"selected": selected, "scores": scores}, indent=1) + "\n")
+        record = {"selected": selected, "scores": scores, "missing_labels": missing_labels, "seconds": filtering}
+        atomic_write_text(chosen, json.dumps(record, indent=1) + "\n")
+    uif = json.loads(chosen.read_text())
+    if missing("cps_uif"):
+        selected, filtering = uif["selected"], uif["seconds"]
         if selected:
             extra = [*cps_extra, f"semi_supervised.unlabeled_cases={chosen}"]
             uif, uif_history = train(setup, data, runs / "cps_uif", seed, setup.epochs, extra)
@@ -279,6 +302,17 @@ def run_seed(setup: Setup, data: Path, unlabeled: list[Path], tests: list[TestCa
             rows, seconds = score(setup, cps / "checkpoint_latest.pt", tests), cps_seconds + filtering
         _save(setup, "cps_uif", seed, rows, seconds, selected=selected, of=len(unlabeled))
 
+    if missing("cps_uif_half"):  # the same scores, ranked: the more reliable half (UIF_KEEP) instead of a threshold
+        ranked = select(uif["scores"], uif["missing_labels"], -1.0, None)
+        selected = ranked[: max(1, round(UIF_KEEP * len(uif["scores"])))]
+        half = runs / "uif_half.json"
+        atomic_write_text(half, json.dumps(selected, indent=1) + "\n")
+        extra = [*cps_extra, f"semi_supervised.unlabeled_cases={half}"]
+        run, history = train(setup, data, runs / "cps_uif_half", seed, setup.epochs, extra)
+        rows = score(setup, run / "checkpoint_latest.pt", tests)
+        seconds = cps_seconds + uif["seconds"] + _seconds(history)
+        _save(setup, "cps_uif_half", seed, rows, seconds, selected=selected, of=len(unlabeled))
+
     if missing("teacher_student"):
         started = time.perf_counter()
         student_data = pseudo_labeled_data(setup, teacher, unlabeled, runs / "student_data")
@@ -286,6 +320,12 @@ def run_seed(setup: Setup, data: Path, unlabeled: list[Path], tests: list[TestCa
         student, student_history = train(setup, student_data, runs / "student", seed, setup.epochs, [])
         seconds = _seconds(supervised_history, setup.epochs) + labelling + _seconds(student_history)
         _save(setup, "teacher_student", seed, score(setup, student / "checkpoint_latest.pt", tests), seconds)
+
+    if missing("supervised_no_hu_shift"):  # how much of the phase shift the organ HU shift augmentation covers
+        run, history = train(setup, data, runs / "supervised_no_hu_shift", seed, setup.epochs, [NO_HU_SHIFT])
+        _save(
+            setup, "supervised_no_hu_shift", seed, score(setup, run / "checkpoint_latest.pt", tests), _seconds(history)
+        )
 
     if missing("cps_reference"):  # the reference's lambda 1 from the first step
         run, history = train(setup, data, runs / "cps_reference", seed, setup.epochs, _cps_overrides(1.0, 0))
@@ -301,7 +341,9 @@ def _cps_overrides(weight: float, rampup: int) -> list[str]:
     ]
 
 
-def filter_unlabeled(setup: Setup, run: Path, unlabeled: list[Path]) -> tuple[list[str], dict[str, float]]:
+def filter_unlabeled(
+    setup: Setup, run: Path, unlabeled: list[Path]
+) -> tuple[list[str], dict[str, float], dict[str, list[int]]]:
     """UIF: each unlabeled case's agreement of the intermediate checkpoints with the last one; the reliable ones."""
     final = predictor(setup, _epoch_checkpoint(run, setup.epochs))
     kept = range(setup.keep_every, setup.epochs, setup.keep_every)  # the epochs before the last
@@ -316,7 +358,7 @@ def filter_unlabeled(setup: Setup, run: Path, unlabeled: list[Path]) -> tuple[li
         scores[case] = round(reliability(predictions, reference, labels), 4)
         present = set(np.unique(reference).tolist())
         missing[case] = [k for k in labels if k not in present]
-    return select(scores, missing, setup.uif_threshold, None), scores
+    return select(scores, missing, setup.uif_threshold, None), scores, missing
 
 
 def pseudo_labeled_data(setup: Setup, teacher: Path, unlabeled: list[Path], folder: Path) -> Path:
@@ -335,6 +377,73 @@ def pseudo_labeled_data(setup: Setup, teacher: Path, unlabeled: list[Path], fold
     data = folder / "data"
     _prepare(setup, images, labels, None, data)
     return data
+
+
+def diagnose(setup: Setup) -> str:
+    """Why a method helps or not, from what the runs left: the true Dice of the teacher's pseudo-labels and of the
+    first CPS round's predictions on each unlabeled case (the phantoms' labels are regenerated from their seeds;
+    no method ever sees them), per site, and whether the UIF score ranks the cases by that true quality."""
+    lines = [
+        "| seed | site | pseudo-label Dice (teacher) | CPS prediction Dice | UIF score | UIF kept "
+        "| Spearman(UIF, Dice) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    truth = {}
+    for seed_dir in sorted((setup.out / "runs").glob("seed*")):
+        seed = int(seed_dir.name.removeprefix("seed"))
+        chosen = seed_dir / "uif_selected.json"
+        uif = json.loads(chosen.read_text()) if chosen.exists() else {"selected": [], "scores": {}}
+        labels = seed_dir / "student_data" / "labelsTr"
+        cps = _epoch_checkpoint(seed_dir / "cps", setup.epochs)
+        model = predictor(setup, cps) if cps.exists() else None
+        rows: dict[str, list[tuple[float, float, float, bool]]] = {}
+        for number, site in enumerate(setup.shifted):
+            for path in sorted((setup.out / "raw" / site / "unlabeled").glob("*_0000.nii.gz")):
+                case = path.name.removesuffix("_0000.nii.gz")
+                if case not in truth:
+                    truth[case] = _unlabeled_truth(setup, site, 100 + number, case)
+                pseudo = labels / f"{case}.nii.gz"
+                teacher = _mean_dice(read_image(pseudo)[0], truth[case]) if pseudo.exists() else float("nan")
+                image, geometry = read_image(path)
+                own = _mean_dice(model.predict_array(image, geometry), truth[case]) if model else float("nan")
+                score = uif["scores"].get(case, float("nan"))
+                rows.setdefault(site, []).append((teacher, own, score, case in uif["selected"]))
+        for site, values in rows.items():
+            teacher, own, score, kept = (np.array(column) for column in zip(*values, strict=True))
+            lines.append(
+                f"| {seed} | {site} | {np.nanmean(teacher):.3f} | {np.nanmean(own):.3f} | {np.nanmean(score):.3f} | "
+                f"{int(kept.sum())}/{len(kept)} | {_spearman(score, own)} |"
+            )
+    lines += ["", "Dice: mean over liver, kidneys and spleen against the unlabeled phantoms' true labels"]
+    return "\n".join(lines)
+
+
+def _unlabeled_truth(setup: Setup, site: str, site_seed: int, case: str) -> np.ndarray:
+    """The label map (mapped to 0..3) of an unlabeled phantom, made again from its seed as make_data wrote it."""
+    from flareseg.data.phantom import make_phantom, phantom_case_seed
+
+    index = int(case.rsplit("_", 1)[1])
+    phantom = make_phantom(phantom_case_seed(site_seed, index, site), site=site, shape=setup.shape)
+    return _lookup()[phantom.label]
+
+
+def _lookup() -> np.ndarray:
+    lookup = np.zeros(256, dtype=np.uint8)
+    for source, target in LABEL_MAP.items():
+        lookup[source] = target
+    return lookup
+
+
+def _mean_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([label_dice(predicted, truth, k) for k in range(1, len(LABEL_NAMES) + 1)]))
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> str:
+    keep = ~(np.isnan(a) | np.isnan(b))
+    if keep.sum() < 3 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
+        return "n/a"
+    ranks = [np.argsort(np.argsort(values[keep])) for values in (a, b)]
+    return f"{np.corrcoef(*ranks)[0, 1]:+.2f}"
 
 
 def report(setup: Setup) -> str:
@@ -416,6 +525,9 @@ def parse(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--rampup", type=int, default=25, help="semi_supervised.rampup_epochs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="print the tables of --out's results, train nothing")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="pseudo-label quality and UIF per site from --out's runs (see above)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny phantoms, 2 epochs: checks that the script runs")
     args = parser.parse_args(argv)
     shifted = args.shifted or [name for name in names if name != args.home]
@@ -448,8 +560,8 @@ def parse(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> None:
     setup, args = parse(argv)
     torch.set_num_threads(setup.threads)
-    if args.report:
-        print(report(setup))
+    if args.report or args.diagnose:
+        print(diagnose(setup) if args.diagnose else report(setup))
         return
     import tempfile
 
@@ -462,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
             run_seed(setup, data, unlabeled, tests, seed)
             print(f"seed {seed} done", flush=True)
         print(report(setup))
+        print()
+        print(diagnose(setup))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,16 @@ import pytest
 from flareseg.inference.backends import openvino_available
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+SEMI_METHODS = (  # compare_semi.py's rows
+    "supervised",
+    "supervised_equal_time",
+    "cps",
+    "cps_uif",
+    "cps_uif_half",
+    "teacher_student",
+    "cps_reference",
+    "supervised_no_hu_shift",
+)
 # compare_nnunet.py's fixed last line; on --tiny without --with-nnunet the nnU-Net fields are n/a.
 COMPARE_LAST_LINE = re.compile(
     r"flareseg \d+\.\d s \d+ MB \| flareseg_noise \d+\.\d s \d+ MB \| nnunet_fullres n/a s n/a MB \| "
@@ -105,7 +115,7 @@ def test_benchmark_script_runs_on_a_tiny_input(runs, script):
     assert len(rows) >= 2  # a header and at least one measured row
     assert SCRIPTS[script] in result.stdout
     if script == "compare_semi.py":  # every method scored, and its difference from supervised training
-        for method in ("supervised", "supervised_equal_time", "cps", "cps_uif", "teacher_student", "cps_reference"):
+        for method in SEMI_METHODS:
             assert re.search(
                 rf"^\| {method} \| 1 \| \d\.\d{{3}} \| \d\.\d{{3}} \| [+-]\d\.\d{{3}} \|", result.stdout, re.M
             )

@@ -93,6 +93,23 @@ def test_ramp_up(data, tmp_path):
     assert weights[0] < 0.02 and weights[0] < weights[1] < weights[2] == 2.0 == weights[3]
 
 
+def test_default_lambda_is_the_benchmarked_one_rising_over_half_the_epochs(data, tmp_path):
+    """The defaults are what bench/compare_semi.py measured (lambda 0.3 over half the epochs), not the reference's
+    lambda 1 from the first step, which made both networks collapse there."""
+    config = _config(data, tmp_path, "train.epochs=40")
+    assert config.semi_supervised.weight == 0.3 and config.semi_supervised.rampup_epochs is None
+    trainer = CrossPseudoSupervisionTrainer(config, CPU)
+    weights = {}
+    for epoch in (0, 10, 19, 20, 39):
+        trainer.epoch = epoch
+        weights[epoch] = trainer.cps_weight()
+    assert weights[0] < 0.01 and weights[0] < weights[10] < weights[19] < weights[20]
+    assert weights[20] == weights[39] == 0.3
+    constant = _config(data, tmp_path, "semi_supervised.rampup_epochs=0", "semi_supervised.weight=1.0")
+    trainer = CrossPseudoSupervisionTrainer(constant, CPU)
+    assert trainer.cps_weight() == 1.0  # the reference's settings, as configs can still ask
+
+
 def test_resume_restores_both_networks(data, tmp_path):
     CrossPseudoSupervisionTrainer(_config(data, tmp_path / "a", "train.epochs=2"), CPU).fit()
 

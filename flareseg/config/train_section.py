@@ -182,12 +182,19 @@ class SemiSupervisedConfig:
     MOVED_KEYS: ClassVar[dict[str, str]] = {"enabled": "train.method (cps)"}
 
     unlabeled_batch_size: int = 2  # unlabeled samples per step and process, beside train.batch_size labeled ones
-    weight: float = 1.0  # lambda: weight of the pseudo-label loss (reference 1.0)
-    rampup_epochs: int = 0  # lambda rises as exp(-5 (1 - t)^2) over these epochs (0 = constant, the reference)
+    # lambda: weight of the pseudo-label loss, and the epochs over which it rises as exp(-5 (1 - t)^2); null: half of
+    # train.epochs, 0: constant. The reference's lambda 1 from the first step made both networks collapse in
+    # bench/compare_semi.py and bench/compare_cps.py (mean Dice 0.10 and 0.31); 0.3 over half the epochs held up
+    weight: float = 0.3
+    rampup_epochs: int | None = None
     unlabeled_cases: Path | None = None  # JSON list of unlabeled case ids to use (e.g. select-unlabeled's); null = all
 
+    def rampup_length(self, epochs: int) -> float:
+        """The epochs over which lambda rises, for a run of `epochs` epochs (0: lambda constant)."""
+        return epochs / 2 if self.rampup_epochs is None else float(self.rampup_epochs)
+
     def validate(self, prefix: str = "semi_supervised.") -> None:
-        if self.unlabeled_batch_size < 1 or self.weight < 0 or self.rampup_epochs < 0:
+        if self.unlabeled_batch_size < 1 or self.weight < 0 or (self.rampup_epochs or 0) < 0:
             raise ConfigError(
                 f"'{prefix}unlabeled_batch_size' must be >= 1, '{prefix}weight' and '{prefix}rampup_epochs' >= 0"
             )

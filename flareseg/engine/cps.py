@@ -70,9 +70,10 @@ class CrossPseudoSupervisionTrainer(Trainer):
 
     def cps_weight(self) -> float:
         settings = self.config.semi_supervised
-        if settings.rampup_epochs == 0:
+        length = settings.rampup_length(self.settings.epochs)
+        if length == 0:
             return settings.weight
-        t = min(1.0, self.epoch / settings.rampup_epochs)
+        t = min(1.0, self.epoch / length)
         return settings.weight * math.exp(-5.0 * (1.0 - t) ** 2)
 
     def train_step(self, batch: dict) -> float:
