@@ -531,6 +531,10 @@ def parse(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--tiny", action="store_true", help="tiny phantoms, 2 epochs: checks that the script runs")
     args = parser.parse_args(argv)
     shifted = args.shifted or [name for name in names if name != args.home]
+    if args.home in shifted:
+        parser.error(f"--shifted lists the home site {args.home}: its unlabeled cases would be the labeled site's")
+    if not args.tiny and not 1 <= args.keep_every < args.epochs:
+        parser.error("--keep-every must be at least 1 and below --epochs (UIF needs intermediate checkpoints)")
     if args.tiny:
         args.seeds = args.seeds[:1]
         args.labeled, args.unlabeled, args.test_home, args.test = 2, 1, 1, 1
