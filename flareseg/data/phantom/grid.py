@@ -183,6 +183,17 @@ class Grid:
         lo, hi = np.maximum(lo, 0), np.minimum(hi, self.shape)
         return None if np.any(hi <= lo) else (lo, hi)
 
+    def index_box_within(self, lo_mm: np.ndarray, hi_mm: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        """The voxels of the mm box inside the index block [lo, hi): (its own block [plo, phi), and the slices of
+        that block relative to lo), or None when they do not meet."""
+        box = self.index_box(lo_mm, hi_mm)
+        if box is None:
+            return None
+        plo, phi = np.maximum(box[0], lo), np.minimum(box[1], hi)
+        if np.any(phi <= plo):
+            return None
+        return plo, phi, tuple(slice(plo[a] - lo[a], phi[a] - lo[a]) for a in range(3))
+
     def nearest_index(self, point: np.ndarray) -> tuple[int, int, int] | None:
         ijk = np.linalg.solve(self.matrix, np.asarray(point, dtype=np.float64) - self.offset)
         index = tuple(int(v) for v in np.rint(ijk[::-1]))

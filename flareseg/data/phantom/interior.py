@@ -169,14 +169,10 @@ def paint_interior(grid: Grid, image: np.ndarray, painted, organ: Organ, interio
     hu += np.float32(organ.hu)
     for insert in interior.inserts:
         for part in insert.parts:
-            part_box = grid.index_box(*part.bbox(1.0))
-            if part_box is None:
-                continue
-            plo, phi = np.maximum(part_box[0], lo), np.minimum(part_box[1], hi)
-            if np.any(phi <= plo):
-                continue
-            sub = tuple(slice(plo[a] - lo[a], phi[a] - lo[a]) for a in range(3))
-            within = (part.q2(*grid.coords(plo, phi)) < 1) & inside[sub]
-            np.copyto(hu[sub], np.float32(insert.hu), where=within)
+            block = grid.index_box_within(*part.bbox(1.0), lo, hi)
+            if block is not None:
+                plo, phi, sub = block
+                within = (part.q2(*grid.coords(plo, phi)) < 1) & inside[sub]
+                np.copyto(hu[sub], np.float32(insert.hu), where=within)
     np.rint(hu, out=hu)
     np.copyto(image[box], hu, where=inside, casting="unsafe")

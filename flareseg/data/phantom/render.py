@@ -49,14 +49,10 @@ def paint(grid: Grid, image: np.ndarray, label: np.ndarray, organ: Organ, body: 
     else:
         q2 = np.full(tuple(hi - lo), np.inf, dtype=np.float32)
         for part in organ.parts:
-            part_box = grid.index_box(*part.bbox(margin))
-            if part_box is None:
-                continue
-            plo, phi = np.maximum(part_box[0], lo), np.minimum(part_box[1], hi)
-            if np.any(phi <= plo):
-                continue
-            sub = tuple(slice(plo[a] - lo[a], phi[a] - lo[a]) for a in range(3))
-            np.minimum(q2[sub], part.q2(*grid.coords(plo, phi)), out=q2[sub])
+            within = grid.index_box_within(*part.bbox(margin), lo, hi)
+            if within is not None:
+                plo, phi, sub = within
+                np.minimum(q2[sub], part.q2(*grid.coords(plo, phi)), out=q2[sub])
     x, y, z = grid.coords(lo, hi)
     limit = organ.field(x, y, z) + np.float32(1.0)
     inside = q2 < limit * limit
