@@ -49,9 +49,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -531,6 +531,8 @@ def parse(argv: list[str] | None = None) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--tiny", action="store_true", help="tiny phantoms, 2 epochs: checks that the script runs")
     args = parser.parse_args(argv)
     shifted = args.shifted or [name for name in names if name != args.home]
+    if (args.report or args.diagnose) and args.out is None:
+        parser.error("--report and --diagnose read a benchmark's folder: give it with --out")
     if args.home in shifted:
         parser.error(f"--shifted lists the home site {args.home}: its unlabeled cases would be the labeled site's")
     if not args.tiny and not 1 <= args.keep_every < args.epochs:
@@ -567,8 +569,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.report or args.diagnose:
         print(diagnose(setup) if args.diagnose else report(setup))
         return
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="flareseg-semi-") as tmp:
         if args.out is None:
             setup.out = Path(tmp)
@@ -583,5 +583,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
     main()
