@@ -111,7 +111,8 @@ def _phantoms_and_prepared_data(
         train_ids, test_ids, written = make_phantoms(out / "phantoms", settings)
         shape = "x".join(map(str, settings.shape))
         note.append(
-            f"{len(train_ids)} training + {len(test_ids)} held-out ({shape} voxels, random spacing and axis order)"
+            f"{len(train_ids)} training + {len(test_ids)} held-out ({shape} voxels, random axis order; sites "
+            f"{', '.join(settings.sites)})"
             if written
             else "already there, reused"
         )
@@ -138,26 +139,38 @@ def _phantoms_and_prepared_data(
 
 
 def make_phantoms(root: Path, settings: DemoSettings) -> tuple[list[str], list[str], bool]:
-    """Training phantoms in root/imagesTr + labelsTr, held-out ones in root/imagesTs + labelsTs.
+    """Training phantoms in root/imagesTr + labelsTr, held-out ones in root/imagesTs + labelsTs, from the settings'
+    sites in turn (root/sites.json: {case id: site}).
 
     Returns (training ids, held-out ids, whether they were written now). Files are written atomically, so a
     complete set on disk (from an earlier run with the same settings) is reused as it is.
     """
     from flareseg.data.phantom import write_phantom_dataset
 
-    count = settings.train_cases + settings.test_cases
-    ids = [f"phantom_{index:03d}" for index in range(count)]  # write_phantom_dataset's names
-    train_ids, test_ids = ids[: settings.train_cases], ids[settings.train_cases :]
+    per_site = {
+        site: (_share(settings.train_cases, settings.sites, site), _share(settings.test_cases, settings.sites, site))
+        for site in settings.sites
+    }
+    train_ids, test_ids = [], []
+    for site, (train, test) in per_site.items():  # write_phantom_dataset's names: <site>_000, <site>_001, ...
+        train_ids += [f"{site}_{index:03d}" for index in range(train)]
+        test_ids += [f"{site}_{index:03d}" for index in range(train, train + test)]
     files = {case: _case_files(root, case, "Tr") for case in train_ids}
     files |= {case: _case_files(root, case, "Ts") for case in test_ids}
     if all(path.is_file() for pair in files.values() for path in pair):
         return train_ids, test_ids, False
-    write_phantom_dataset(root, count, seed=settings.seed, shape=settings.shape)
+    for site, (train, test) in per_site.items():
+        write_phantom_dataset(root, train + test, seed=settings.seed, shape=settings.shape, site=site)
     for case in test_ids:
         for written, target in zip(_case_files(root, case, "Tr"), files[case]):
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(written, target)
     return train_ids, test_ids, True
+
+
+def _share(count: int, sites: tuple[str, ...], site: str) -> int:
+    """How many of `count` cases come from `site` when the sites take them in turn (the first ones one more)."""
+    return count // len(sites) + (sites.index(site) < count % len(sites))
 
 
 def plan(out: Path, settings: DemoSettings):
@@ -211,8 +224,9 @@ def stage_config(out: Path, stage: str, settings: DemoSettings, budget_seconds: 
     train.lr, train.schedule, train.val_every = settings.lr, "constant", settings.val_every
     train.workers = 0  # compute-bound at these sizes: loader processes would only take cores away
     train.resume = False  # a rerun trains afresh, so that every run shows what its own budget learns
-    # The phantoms' organs have one HU each, the same in training and test cases; the default +-200 HU per-organ
-    # shift (for real scans' contrast phases) costs more learning time than the demo has.
+    # The default +-200 HU per-organ shift (for contrast phases never seen in training) costs more learning time
+    # than the demo has, and both of the demo's phases are in its training cases: bench/compare_semi.py measured
+    # supervised training without the shift 0.035 Dice better on other sites' phases (README, CPS section).
     train.augment.organ_hu_shift_p = 0.0
     train.progress = progress
     return config.validate()

@@ -4,10 +4,13 @@ function per section."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from flareseg.atomic import atomic_write_text
 from flareseg.demo_settings import LABEL_MAP, ORGANS, PLAN, PREDICT_CONFIG, PRESET, REPORT, DemoSettings, scores_csv
@@ -29,6 +32,7 @@ def write_report(
     cases = sorted({row["case"] for row in scores})
     lines = [
         *_report_scores(out, settings, minutes, device, summary, len(cases), total_seconds),
+        *_report_sites(out, scores),
         *_report_cases(out, scores, cases, timing_rows, phases),
         *_report_training(out, settings, histories),
         "## Overlays",
@@ -81,6 +85,34 @@ def _report_scores(
         f"Means over the {summary['cases']} held-out cases of `evaluation/scores.csv` (per case and organ; the "
         "summary in `evaluation/scores.json`). Official FLARE21 protocol, as `flareseg evaluate --preset flare21`: "
         "NSD at 1 mm with the image spacing, strict at these phantoms' 2-4 mm voxels.",
+        "",
+    ]
+
+
+def _report_sites(out: Path, scores: list[dict]) -> list[str]:
+    """Mean DSC and NSD of the held-out cases of each phantom site (phantoms/sites.json)."""
+    from flareseg.data.phantom import SITES, SITES_FILE
+
+    site_of = json.loads((out / "phantoms" / SITES_FILE).read_text())
+    lines = [
+        "## Per site",
+        "",
+        "| site | contrast phase, kernel | held-out cases | mean DSC | mean NSD |",
+        "|---|---|---|---|---|",
+    ]
+    for site in sorted({site_of[row["case"]] for row in scores}):
+        rows = [row for row in scores if site_of[row["case"]] == site]
+        setting = SITES[site]
+        lines.append(
+            f"| {site} | {setting.phase.replace('_', '-')}, {setting.kernel} | {len({row['case'] for row in rows})} | "
+            f"{np.mean([row['dsc'] for row in rows]):.4f} | {np.mean([row['nsd'] for row in rows]):.4f} |"
+        )
+    return [
+        *lines,
+        "",
+        "Every site also gave training cases (the sites take the cases in turn); `flareseg phantoms --list-sites` "
+        "describes them (the demo keeps their contrast, kernel, noise, field of view and body, on its own voxel "
+        "grid). Means over the site's held-out cases and organs.",
         "",
     ]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flareseg.data.phantom.sites import resolve_site
 from flareseg.evaluation import get_preset
 
 ORGANS = ("liver", "kidney", "spleen", "pancreas")  # FLARE21's four, as its EfficientSegmentation segments them
@@ -32,7 +33,11 @@ class DemoSettings:
     """What the demo builds and trains; the defaults learn on 2 CPU cores in the default 10 minutes."""
 
     train_cases: int = 10  # labeled phantoms to train on; fold 0 of a 5-fold split keeps 2 of them to validate
-    test_cases: int = 3  # held-out phantoms: predicted, evaluated, shown
+    test_cases: int = 4  # held-out phantoms: predicted, evaluated, shown
+    # Phantom sites (flareseg.data.phantom.SITES) the cases come from, shared out in turn (training and held-out
+    # cases alike): two contrast phases, kernels, noise levels and fields of view, so that the scores are not those
+    # of one idealised scanner; the report gives them per site.
+    sites: tuple[str, ...] = ("portal_venous", "arterial_sharp")
     shape: tuple[int, int, int] = (64, 160, 160)  # phantom voxels (z, y, x) before the random axis order
     seed: int = 0
     # flareseg plan decides each grid's shape; these cap its voxels (coarse_size^3, fine_size^3) for CPU time
@@ -46,6 +51,15 @@ class DemoSettings:
     coarse_share: float = 0.35  # of the training time; the fine network is slower per step and matters more
     reserve_seconds: float = 60.0  # kept from training for prediction, evaluation and the report
     val_every: int = 10  # epochs between validations (the last epoch always validates)
+
+    def __post_init__(self):
+        if not self.sites or len(set(self.sites)) != len(self.sites):
+            raise DemoError(f"sites must name one or more different phantom sites, got {list(self.sites)}")
+        for site in self.sites:
+            try:
+                resolve_site(site)
+            except ValueError as error:
+                raise DemoError(str(error)) from None
 
 
 # Tiny phantoms and networks: seconds per phase, for smoke runs (tests, bench --tiny); the real defaults are above.

@@ -13,7 +13,7 @@ import pytest
 
 from flareseg import cli
 from flareseg.cli_parser import build_parser
-from flareseg.demo import ORGANS, SMOKE_SETTINGS, run_demo
+from flareseg.demo import ORGANS, SMOKE_SETTINGS, DemoError, DemoSettings, run_demo
 from flareseg.io import read_image
 
 TINY = SMOKE_SETTINGS  # seconds per phase (the real defaults are exercised by `flareseg demo` itself)
@@ -50,6 +50,37 @@ def test_report_table_is_the_evaluation(demo):
     summary = json.loads((out / "evaluation" / "scores.json").read_text())
     assert summary["mean"]["dsc"] == pytest.approx(expected["mean"][0]) == demo.mean_dsc
     assert f"mean DSC {demo.mean_dsc:.4f}" in (out / "report.md").read_text()
+
+
+def test_the_sites_share_training_and_held_out_cases_and_the_report_scores_each(demo):
+    out = demo.out
+    site_of = json.loads((out / "phantoms" / "sites.json").read_text())
+    split = {
+        part: sorted(path.name.removesuffix("_0000.nii.gz") for path in (out / "phantoms" / f"images{part}").iterdir())
+        for part in ("Tr", "Ts")
+    }
+    assert len(TINY.sites) == 2 and (TINY.train_cases, TINY.test_cases) == (5, 2)
+    for part, counts in (("Tr", [3, 2]), ("Ts", [1, 1])):  # in turn: the first site takes the odd case
+        assert [sum(site_of[case] == site for case in split[part]) for site in TINY.sites] == counts
+        assert all(case.startswith(f"{site_of[case]}_") for case in split[part])
+
+    with open(out / "evaluation" / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    report = (out / "report.md").read_text()
+    table = dict(re.findall(r"^\| (\w+) \| [^|]+ \| 1 \| ([0-9.]+) \| [0-9.]+ \|$", report, flags=re.MULTILINE))
+    assert sorted(table) == sorted(TINY.sites)
+    for site, shown in table.items():
+        expected = np.mean([float(row["dsc"]) for row in rows if site_of[row["case"]] == site])
+        assert float(shown) == pytest.approx(expected, abs=5e-5)
+
+
+@pytest.mark.parametrize(
+    "sites, message",
+    [((), "one or more"), (("portal_venous", "portal_venous"), "different"), (("portal_venus",), "did you mean")],
+)
+def test_settings_refuse_no_repeated_or_unknown_sites(sites, message):
+    with pytest.raises(DemoError, match=message):
+        DemoSettings(sites=sites)
 
 
 def test_predictions_keep_the_test_images_geometry(demo):
@@ -95,12 +126,12 @@ def test_timing_overlays_curves_and_phases(demo):
 
 
 def test_rerun_reuses_phantoms_and_prepared_data(demo, capsys):
-    stamp = (demo.out / "phantoms" / "imagesTr" / "phantom_000_0000.nii.gz").stat().st_mtime_ns
+    stamp = (demo.out / "phantoms" / "imagesTr" / "portal_venous_000_0000.nii.gz").stat().st_mtime_ns
     again = run_demo(demo.out, minutes=0.0, device="cpu", settings=TINY, progress=False)
     printed = capsys.readouterr().out
     assert "phantoms: already there, reused" in printed and "prepare: already prepared, reused" in printed
     assert "plan: already planned, reused" in printed
-    assert (demo.out / "phantoms" / "imagesTr" / "phantom_000_0000.nii.gz").stat().st_mtime_ns == stamp
+    assert (demo.out / "phantoms" / "imagesTr" / "portal_venous_000_0000.nii.gz").stat().st_mtime_ns == stamp
     assert _report_table((demo.out / "report.md").read_text())["mean"][0] == pytest.approx(again.mean_dsc, abs=5e-5)
 
 
