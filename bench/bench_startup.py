@@ -14,11 +14,17 @@ its image read starts: the first open of the image file, seen by an audit hook i
 imported. Start-up = process start until then (imports, config, loading the networks); the rest = reading, the
 networks, writing and exiting. The export and compiled-network caches are the run's own (FLARESEG_CACHE_DIR in a
 temporary folder): the first process fills them, as a first `predict` would; the median of --runs after it.
+
+The floor without torch (OpenVINO runs only): a fresh process that imports what a predictor needs at the least
+(the command line, numpy, SimpleITK, OpenVINO) and loads the compiled networks the predict processes cached, with
+their compile settings, and does nothing else: no torch, no checkpoint, no image. What a prediction path written
+without torch would still pay before reading its image.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -56,6 +62,26 @@ from flareseg.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 READ_LINE = re.compile(r"image read starts at (\d+\.\d+)")
+# What a predictor without torch could not skip before its image read: the command line, numpy, SimpleITK and
+# OpenVINO imported, and every compiled network of the run's cache loaded with the predictor's own compile settings
+# (flareseg.inference.openvino_settings); no torch, no scipy (wanted only after the networks). Prints when done.
+FLOOR_PROBE = """
+import sys, time
+from pathlib import Path
+
+import flareseg.cli, numpy, SimpleITK, openvino
+from flareseg.inference.openvino_settings import cache_dir, compile_settings
+
+print(f"imported at {time.time():.6f}", file=sys.stderr, flush=True)
+core = openvino.Core()
+hint = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+for network in sorted((cache_dir() / "onnx").glob("*.onnx")):
+    core.compile_model(str(network), "CPU", compile_settings(hint, None)).create_infer_request()
+print(f"loaded at {time.time():.6f}", file=sys.stderr, flush=True)
+if "torch" in sys.modules:
+    sys.exit("the floor probe imported torch")
+"""
+FLOOR_LINES = re.compile(r"imported at (\d+\.\d+)\nloaded at (\d+\.\d+)")
 MARK = "-- the measured import starts"
 IMPORTTIME_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)")
 
@@ -77,9 +103,11 @@ def main() -> None:
         env = {**os.environ, "FLARESEG_CACHE_DIR": str(tmp / "cache")}
         first = None if args.tiny else predict_process(tmp, overrides, env)  # (the smoke run measures the first)
         later = [predict_process(tmp, overrides, env) for _ in range(runs)]
+        openvino = args.backend != "torch" and importlib.util.find_spec("openvino") is not None
+        floor = [torch_free_floor(tmp, env) for _ in range(runs)] if openvino else []  # (it loads OpenVINO's)
     networks = "tiny networks" if args.tiny else "reference-size networks (random weights)"
     case = f"one {'x'.join(map(str, shape[::-1]))} phantom case, backend {args.backend}, {networks}"
-    report(imports, first, later, case, runs)
+    report(imports, first, later, floor, case, runs)
 
 
 def import_time(module: str) -> dict:
@@ -125,7 +153,22 @@ def predict_process(tmp: Path, overrides: list[str], env: dict) -> dict:
     return {"startup": float(read[1]) - start, "rest": end - float(read[1])}
 
 
-def report(imports: dict, first: dict | None, later: list[dict], case: str, runs: int) -> None:
+def torch_free_floor(tmp: Path, env: dict) -> dict:
+    """Seconds from the start of a fresh process to FLOOR_PROBE's end ("floor"), and to the end of its imports
+    ("imports"). A RuntimeError if it compiled anything (a cache miss would time compiling, not loading)."""
+    compiled = tmp / "cache" / "openvino"
+    before = sorted(compiled.iterdir()) if compiled.is_dir() else []
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", FLOOR_PROBE], capture_output=True, text=True, env=env)
+    stamps = FLOOR_LINES.search(done.stderr)
+    if done.returncode != 0 or stamps is None:
+        raise RuntimeError(f"the torch-free floor probe failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
+    if not before or sorted(compiled.iterdir()) != before:
+        raise RuntimeError(f"the torch-free floor probe missed the compiled networks of {compiled}: it compiled them")
+    return {"imports": float(stamps[1]) - start, "floor": float(stamps[2]) - start}
+
+
+def report(imports: dict, first: dict | None, later: list[dict], floor: list[dict], case: str, runs: int) -> None:
     median = statistics.median
     print(f"medians of {runs} fresh process(es) each; `python -X importtime` for the parts of an import")
     print("| import | ms | largest parts, cumulative ms |")
@@ -145,6 +188,12 @@ def report(imports: dict, first: dict | None, later: list[dict], case: str, runs
     for name, processes in rows.items():
         startup, rest = median(p["startup"] for p in processes), median(p["rest"] for p in processes)
         print(f"| {name} | {startup:.2f} | {rest:.2f} | {median(p['startup'] + p['rest'] for p in processes):.2f} |")
+    if floor:
+        imported, loaded = median(p["imports"] for p in floor), median(p["floor"] for p in floor)
+        print(
+            f"| floor without torch, median of {runs}: the imports of the CLI, numpy, SimpleITK and OpenVINO "
+            f"({imported:.2f} s), then the cached compiled networks ({loaded - imported:.2f} s) | {loaded:.2f} | | |"
+        )
 
 
 if __name__ == "__main__":

@@ -77,10 +77,13 @@ def _heavy(modules: set[str]) -> dict[str, str]:
 
 def test_the_command_line_and_the_predict_path_import_no_heavy_module():
     """`import flareseg.cli` (what `flareseg --help` and `show-config` pay) loads neither torch nor numpy; the
-    modules the predict command imports load none of HEAVY."""
+    OpenVINO compile settings (what bench_startup.py's torch-free floor loads the compiled networks with) load no
+    torch; the modules the predict command imports load none of HEAVY."""
     cli = _imported_by("import flareseg.cli")
     assert "flareseg.cli" in cli
     assert sorted(cli & {"torch", "numpy", "scipy", "SimpleITK", "openvino"}) == []
+    settings = _imported_by("import flareseg.inference.openvino_settings")
+    assert "flareseg.inference.openvino_settings" in settings and "torch" not in settings
     predict = _imported_by("import flareseg.cli\nimport flareseg.inference.batch")
     assert "torch" in predict and "flareseg.inference.batch" in predict
     assert _heavy(predict) == {}

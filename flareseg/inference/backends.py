@@ -29,7 +29,6 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from flareseg.inference.openvino_settings import cache_dir, compile_settings
 from flareseg.models.runtime import autocast, resolve_precision
 
 if TYPE_CHECKING:
@@ -164,16 +164,7 @@ class OpenVinoRunner:
             hint = "bf16" if cpu_has_native_bf16() else "f32"
         else:
             network_path, hint = cached_onnx(model, checkpoint, self.input_size, output), OPENVINO_PRECISIONS[precision]
-        config = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": hint,
-            "CACHE_DIR": str(cache_dir() / "openvino"),  # compiled networks: later processes load, not compile
-        }
-        if threads is not None:  # None: OpenVINO's own default, every core
-            config["INFERENCE_NUM_THREADS"] = threads
-            # a process given fewer threads than cores shares the CPU (shards, --part/--parts): pinned, every such
-            # process would put its threads on the same first cores, and two 1-thread shards ran at half speed
-            config["ENABLE_CPU_PINNING"] = False
+        config = compile_settings(hint, threads)
         self.compiled = openvino_core().compile_model(str(network_path), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
@@ -185,10 +176,6 @@ class OpenVinoRunner:
         del outputs
         self.compiled.release_memory()
         return result
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FLARESEG_CACHE_DIR", Path.home() / ".cache" / "flareseg"))
 
 
 def cached_onnx(model: nn.Module, checkpoint: Path, input_size: tuple[int, int, int], output: Output) -> Path:
