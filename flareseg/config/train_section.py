@@ -185,6 +185,8 @@ class SemiSupervisedConfig:
     # lambda: weight of the pseudo-label loss, and the epochs over which it rises as exp(-5 (1 - t)^2); null: half of
     # train.epochs, 0: constant. The reference's lambda 1 from the first step made both networks collapse in
     # bench/compare_semi.py and bench/compare_cps.py (mean Dice 0.10 and 0.31); 0.3 over half the epochs held up
+    # (a run that train.time_budget_minutes ends early may never reach half of its train.epochs cap: with a
+    # budget, give rampup_epochs in epochs)
     weight: float = 0.3
     rampup_epochs: int | None = None
     unlabeled_cases: Path | None = None  # JSON list of unlabeled case ids to use (e.g. select-unlabeled's); null = all
